@@ -1,0 +1,58 @@
+"""Assign each transcript to the cell under it and count transcripts per cell and gene.
+
+For every spot table in ``--spot_dir`` (raw, full-resolution coordinates) and its label
+image in ``--label_dir`` (png, tif, mat with key CellMap, or npy; paired by sample
+name, so ``label_<name>.png`` from the inference script matches ``<name>.csv``) writes
+
+- ``<save_dir>/<name>.csv``: cell_id,spotX,spotY,gene (cell_id 0 = background);
+- ``<save_dir>/<name>_cell_by_gene.csv``: transcript counts, cells as rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
+from GeneSegNet.log import setup_logging
+
+logger = logging.getLogger("GeneSegNet.mapping")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--label_dir", type=Path, default=Path("results"),
+                        help="folder of label images (e.g. the inference output)")
+    parser.add_argument("--spot_dir", type=Path, default=Path("raw_data/spots"),
+                        help="folder of raw spot tables")
+    parser.add_argument("--save_dir", type=Path, default=Path("mapping"), help="output folder")
+    parser.add_argument("--out_of_bounds", choices=("background", "drop"), default="background",
+                        help="spots outside the image or with invalid coordinates: write them "
+                             "with cell id 0, or drop them")
+    parser.add_argument("--spot_scale", type=float, default=1.0,
+                        help="pixels per spot-coordinate unit (e.g. 4.706 for Xenium microns)")
+    add_verbose_arg(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def run() -> int:
+        from GeneSegNet.mapping import map_dataset
+
+        results = map_dataset(args.label_dir, args.spot_dir, args.save_dir,
+                              out_of_bounds=args.out_of_bounds, spot_scale=args.spot_scale,
+                              progress=True)
+        logger.info("mapping of %d sample(s) written to %s", len(results), args.save_dir)
+        return 0
+
+    return run_reporting_errors(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared command-line plumbing: error reporting and common argument groups."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+
+from GeneSegNet.errors import InputError
+
+logger = logging.getLogger("GeneSegNet")
+
+EXIT_INPUT_ERROR = 2
+
+
+def run_reporting_errors(body: Callable[[], int | None]) -> int:
+    """Run ``body``; turn bad-input errors into one logged line and exit code 2."""
+    try:
+        code = body()
+    except InputError as exc:
+        logger.error("%s", exc)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+    return 0 if code is None else int(code)
+
+
+def add_verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("device")
+    group.add_argument("--use_gpu", action="store_true", help="run on CUDA when available")
+    group.add_argument("--gpu_device", type=int, default=0, help="CUDA device index")
+
+
+def fraction_triple(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"fractions must be non-negative, got {text}")
+    return value

@@ -1,0 +1,260 @@
+"""Cut raw images, labels and spot tables into training crops with spot heatmaps.
+
+Output layout per raw sample ``<name>`` (upstream's, spec §1.4)::
+
+    <out>/<name>/images/{i}_image.png          image crop (stored bit depth, lossless)
+    <out>/<name>/labels/{i}_label.png          label crop (8/16-bit PNG, 32-bit TIFF if needed)
+    <out>/<name>/spots/{i}_spot.csv            spotX,spotY,gene in crop pixels (integers)
+    <out>/<name>/HeatMaps/HeatMap_all/{i}_gaumap_all.png   network input: all spots
+    <out>/<name>/HeatMaps/HeatMap/{i}_gaumap.png           spots on labelled pixels only
+    <out>/<name>/crops.csv                     crop index and (row, col) offsets
+
+Crop offsets reproduce upstream's draws: for every image a fresh ``random.Random(seed)``
+draws ``row = randint(0, H - size)`` then ``col = randint(0, W - size)`` per crop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from GeneSegNet.errors import InputError
+from GeneSegNet.heatmap import DEFAULT_SIGMA, heatmap_to_uint8, render_heatmap
+from GeneSegNet.io import (
+    IMAGE_EXTENSIONS,
+    LABEL_EXTENSIONS,
+    SPOT_EXTENSIONS,
+    index_by_sample,
+    list_files,
+    pair_samples,
+    read_image,
+    read_label,
+    read_spots,
+    staged_directory,
+    write_image,
+    write_label,
+    write_spots,
+)
+from GeneSegNet.io.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+HEATMAP_CONTEXTS = ("global", "crop")
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """How to cut one raw sample into crops.
+
+    heatmap_context: "global" renders each crop's heatmap from every spot of the image
+    (spots just outside the crop still count, as in whole-image inference); "crop" uses
+    only the spots inside the crop (upstream).
+    """
+
+    n_crops: int = 100
+    crop_size: int = 256
+    sigma: float = DEFAULT_SIGMA
+    seed: int = 1
+    image_format: str = "png"
+    heatmap_format: str = "png"
+    heatmap_context: str = "global"
+    write_incell_heatmap: bool = True
+
+
+@dataclass
+class RawSample:
+    """One raw sample: a whole image, its label image (optional) and its spots."""
+
+    name: str
+    image: np.ndarray  # (H, W) or (H, W, C), stored dtype
+    labels: np.ndarray | None  # (H, W) integer ids
+    spots: pd.DataFrame  # columns x (col), y (row), gene
+    paths: dict[str, Path]
+
+
+def discover_raw_samples(base_dir: str | Path, require_labels: bool = True
+                         ) -> list[tuple[str, dict[str, Path]]]:
+    """Pair ``images/``, ``labels/`` and ``spots/`` of a raw dataset by sample name.
+
+    A missing ``labels/`` folder is allowed when ``require_labels`` is false.
+    """
+    base_dir = Path(base_dir)
+    if not base_dir.is_dir():
+        raise InputError("dataset folder not found", base_dir)
+    groups = {
+        "images": index_by_sample(list_files(base_dir / "images", IMAGE_EXTENSIONS),
+                                  suffixes=("_image",)),
+        "spots": index_by_sample(list_files(base_dir / "spots", SPOT_EXTENSIONS),
+                                 suffixes=("_spots", "_spot")),
+    }
+    if (base_dir / "labels").is_dir() or require_labels:
+        groups["labels"] = index_by_sample(list_files(base_dir / "labels", LABEL_EXTENSIONS),
+                                           suffixes=("_label", "_labels", "_masks", "_mask"))
+    if not groups["images"]:
+        raise InputError("no images found (expected png, jpg, jpeg, tif or tiff files)",
+                         base_dir / "images")
+    return pair_samples(groups)
+
+
+def load_raw_sample(name: str, paths: dict[str, Path], min_size: int = 0,
+                    spot_scale: float = 1.0) -> RawSample:
+    """Read and check one raw sample; each file is read once.
+
+    ``spot_scale`` converts spot coordinates to pixels (pixels per stored unit).
+    """
+    image = read_image(paths["images"], mode="unchanged")
+    height, width = image.shape[:2]
+    if min(height, width) < min_size:
+        raise InputError(f"image is {height}×{width} px, smaller than the {min_size} px crop",
+                         paths["images"])
+    labels = None
+    if "labels" in paths:
+        labels = read_label(paths["labels"])
+        if labels.shape != (height, width):
+            raise InputError(f"label shape {labels.shape} differs from its image's "
+                             f"{(height, width)} ({paths['images'].name})", paths["labels"])
+    spots = read_spots(paths["spots"], scale=spot_scale, strict=True)
+    return RawSample(name, image, labels, spots, dict(paths))
+
+
+def crop_offsets(height: int, width: int, crop_size: int, n_crops: int, seed: int
+                 ) -> list[tuple[int, int]]:
+    """Upstream's crop offsets: (row, col) pairs drawn from ``random.Random(seed)``."""
+    draw = random.Random(seed)
+    offsets = []
+    for _ in range(n_crops):
+        row = draw.randint(0, height - crop_size)
+        col = draw.randint(0, width - crop_size)
+        offsets.append((row, col))
+    return offsets
+
+
+def _to_8bit(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == np.uint16:
+        return (image >> 8).astype(np.uint8)
+    scaled = np.clip(image.astype(np.float64), 0, None)
+    top = scaled.max(initial=0)
+    return np.zeros(image.shape, np.uint8) if top == 0 else np.rint(scaled / top * 255).astype(
+        np.uint8)
+
+
+def write_sample_crops(sample: RawSample, out_dir: str | Path, config: CropConfig,
+                       overwrite: bool = False) -> Path:
+    """Write all crops of ``sample`` into ``out_dir/<name>``.
+
+    The folder is built under a temporary name and renamed when complete, so a failure
+    never leaves a half-written sample folder. An existing folder is replaced only with
+    ``overwrite``.
+    """
+    final = Path(out_dir) / sample.name
+    if final.exists() and not overwrite:
+        raise InputError("output folder already exists (use --overwrite to replace it)", final)
+    with staged_directory(final, overwrite=overwrite) as stage:
+        _write_crops(sample, stage, config)
+    return final
+
+
+def _write_crops(sample: RawSample, folder: Path, config: CropConfig) -> None:
+    height, width = sample.image.shape[:2]
+    size = config.crop_size
+    offsets = crop_offsets(height, width, size, config.n_crops, config.seed)
+    rows = np.trunc(sample.spots["y"].to_numpy()).astype(np.int64)
+    cols = np.trunc(sample.spots["x"].to_numpy()).astype(np.int64)
+    genes = sample.spots["gene"].to_numpy()
+    image = sample.image if config.image_format == "png" else _to_8bit(sample.image)
+    heat_ext = config.heatmap_format
+    for sub in ("images", "labels", "spots", "HeatMaps/HeatMap_all", "HeatMaps/HeatMap"):
+        (folder / sub).mkdir(parents=True)
+    for i, (r0, c0) in enumerate(offsets):
+        inside = (rows >= r0) & (rows < r0 + size) & (cols >= c0) & (cols < c0 + size)
+        cr, cc = rows[inside] - r0, cols[inside] - c0
+        write_image(folder / "images" / f"{i}_image.{config.image_format}",
+                    image[r0: r0 + size, c0: c0 + size])
+        write_spots(folder / "spots" / f"{i}_spot.csv", cc, cr, genes[inside])
+        if config.heatmap_context == "global":
+            heat = render_heatmap(rows, cols, (size, size), config.sigma, origin=(r0, c0))
+        else:
+            heat = render_heatmap(cr, cc, (size, size), config.sigma)
+        write_image(folder / "HeatMaps" / "HeatMap_all" / f"{i}_gaumap_all.{heat_ext}",
+                    heatmap_to_uint8(heat))
+        if sample.labels is None:
+            continue
+        label_crop = sample.labels[r0: r0 + size, c0: c0 + size]
+        write_label(folder / "labels" / f"{i}_label.png", label_crop)
+        if config.write_incell_heatmap:
+            in_cell = label_crop[cr, cc] != 0
+            heat = render_heatmap(cr[in_cell], cc[in_cell], (size, size), config.sigma)
+            write_image(folder / "HeatMaps" / "HeatMap" / f"{i}_gaumap.{heat_ext}",
+                        heatmap_to_uint8(heat))
+    with atomic_path(folder / "crops.csv") as tmp:
+        pd.DataFrame({"crop": range(len(offsets)), "row_offset": [o[0] for o in offsets],
+                      "col_offset": [o[1] for o in offsets]}).to_csv(tmp, index=False)
+
+
+def split_samples(names: list[str], fractions: tuple[float, float, float], seed: int = 1
+                  ) -> dict[str, str]:
+    """Assign whole samples to "train", "val" and "test" by the given fractions.
+
+    Counts are the largest-remainder rounding of ``fractions × len(names)``; every split
+    with a non-zero fraction gets at least one sample when there are enough samples. The
+    assignment is a seeded shuffle, so it is reproducible.
+    """
+    fr = np.asarray(fractions, dtype=np.float64)
+    if fr.shape != (3,) or np.any(fr < 0) or fr.sum() <= 0:
+        raise ValueError(f"split fractions must be three non-negative numbers, got {fractions}")
+    fr = fr / fr.sum()
+    n = len(names)
+    exact = fr * n
+    counts = np.floor(exact).astype(int)
+    for k in np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]:
+        counts[k] += 1
+    if n >= int((fr > 0).sum()):
+        for k in np.flatnonzero((fr > 0) & (counts == 0)):
+            donor = int(np.argmax(counts))
+            counts[donor] -= 1
+            counts[k] += 1
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    splits = ["train"] * counts[0] + ["val"] * counts[1] + ["test"] * counts[2]
+    return dict(zip(order, splits, strict=True))
+
+
+def prepare_dataset(base_dir: str | Path, save_dir: str | Path, config: CropConfig, *,
+                    split: tuple[float, float, float] | None = None, split_seed: int = 0,
+                    spot_scale: float = 1.0, require_labels: bool = True,
+                    overwrite: bool = False, progress: bool = False) -> list[Path]:
+    """Crop every raw sample of ``base_dir`` into ``save_dir`` (optionally split).
+
+    All pairing and output-collision checks run before anything is written; each sample
+    folder is then written completely or not at all. Returns the sample folders written.
+    """
+    from tqdm import tqdm
+
+    if config.heatmap_context not in HEATMAP_CONTEXTS:
+        raise ValueError(f"heatmap_context must be one of {HEATMAP_CONTEXTS}")
+    if config.n_crops < 1 or config.crop_size < 8:
+        raise ValueError("n_crops must be ≥ 1 and crop_size ≥ 8")
+    samples = discover_raw_samples(base_dir, require_labels=require_labels)
+    names = [name for name, _ in samples]
+    assignment = split_samples(names, split, split_seed) if split else {}
+    save_dir = Path(save_dir)
+    targets = {name: save_dir / assignment.get(name, "") for name in names}
+    if not overwrite:
+        taken = [str(targets[n] / n) for n in names if (targets[n] / n).exists()]
+        if taken:
+            raise InputError(f"output sample folder(s) already exist: {', '.join(taken[:5])} "
+                             "(use --overwrite to replace them)")
+    written = []
+    for name, paths in tqdm(samples, desc="samples", disable=not progress):
+        sample = load_raw_sample(name, paths, min_size=config.crop_size, spot_scale=spot_scale)
+        written.append(write_sample_crops(sample, targets[name], config, overwrite=overwrite))
+        logger.debug("%s: %d spots, %d crops -> %s", name, len(sample.spots), config.n_crops,
+                     written[-1])
+    return written

@@ -1,0 +1,177 @@
+"""Loading preprocessed sample folders (the crop layout written by preprocessing).
+
+A dataset root holds one folder per sample; each sample folder holds::
+
+    images/{k}_image.{png,jpg,tif}    labels/{k}_label.*    spots/{k}_spot.csv
+    HeatMaps/HeatMap_all/{k}_gaumap_all.*          [newlabels/{k}_label.* after refinement]
+
+Files are paired by crop key ``k`` (the name without the role's filter suffix), never by
+sorted position. Loading never deletes or rewrites anything (unlike upstream, whose file
+listing removed ``newlabels/``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from GeneSegNet.errors import InputError
+from GeneSegNet.io import (
+    IMAGE_EXTENSIONS,
+    LABEL_EXTENSIONS,
+    index_by_sample,
+    list_files,
+    pair_samples,
+    read_image,
+    read_label,
+)
+
+logger = logging.getLogger(__name__)
+
+HEATMAP_SUBDIR = Path("HeatMaps") / "HeatMap_all"
+REFINED_LABEL_DIR = "newlabels"
+
+
+@dataclass
+class Crop:
+    """One training/test crop.
+
+    image : (H, W) grey (chan 2) or (H, W, 3) BGR (chan 4), stored dtype.
+    heatmap : (H, W) as stored (uint8 0..255 for our PNG heatmaps).
+    labels : (H, W) integer ids or None when the folder has no labels.
+    spots_xy : (N, 2) int64 spot pixels, columns (x = col, y = row).
+    """
+
+    sample: str
+    key: str
+    image: np.ndarray
+    heatmap: np.ndarray
+    labels: np.ndarray | None
+    spots_xy: np.ndarray
+    image_path: Path
+    label_path: Path | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.sample}/{self.key}"
+
+
+def channels_for(chan: int) -> str:
+    """Image read mode for the ``--chan`` setting: 2 = grey + heatmap, 4 = BGR + heatmap."""
+    if chan == 2:
+        return "gray"
+    if chan == 4:
+        return "color"
+    raise ValueError(f"--chan must be 2 (grey + heatmap) or 4 (BGR + heatmap), got {chan}")
+
+
+def label_folder_for_round(sample_dir: Path, round_index: int,
+                           refined_name: str = REFINED_LABEL_DIR) -> str:
+    """Where round ``round_index`` (1-based) reads its labels: the original ``labels/`` in
+    round 1, the previous round's refined labels afterwards when they exist."""
+    if round_index >= 2 and (sample_dir / refined_name).is_dir():
+        return refined_name
+    return "labels"
+
+
+def _read_spot_pixels(path: Path | None) -> np.ndarray:
+    if path is None:
+        return np.zeros((0, 2), np.int64)
+    table = pd.read_csv(path)
+    if len(table.columns) < 2:
+        raise InputError("spot table needs at least x and y columns", path)
+    xy = table.iloc[:, :2].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    if not np.all(np.isfinite(xy)):
+        raise InputError("spot table has non-numeric coordinates", path)
+    return np.trunc(xy).astype(np.int64)
+
+
+def load_sample_folder(sample_dir: str | Path, *, chan: int = 2, img_filter: str = "_image",
+                       mask_filter: str = "_label", heatmap_filter: str = "_gaumap_all",
+                       label_dir: str = "labels", require_labels: bool = True) -> list[Crop]:
+    """Load every crop of one sample folder, paired by crop key."""
+    sample_dir = Path(sample_dir)
+    mode = channels_for(chan)
+    groups = {
+        "images": index_by_sample(list_files(sample_dir / "images", IMAGE_EXTENSIONS),
+                                  suffixes=(img_filter,)),
+        "heatmaps": index_by_sample(list_files(sample_dir / HEATMAP_SUBDIR, IMAGE_EXTENSIONS),
+                                    suffixes=(heatmap_filter,)),
+    }
+    if not groups["images"]:
+        raise InputError(f"no images matching *{img_filter}.*", sample_dir / "images")
+    if not groups["heatmaps"]:
+        raise InputError(f"no gaussian heatmaps matching *{heatmap_filter}.*",
+                         sample_dir / HEATMAP_SUBDIR)
+    label_path = sample_dir / label_dir
+    if label_path.is_dir() and list_files(label_path, LABEL_EXTENSIONS):
+        groups["labels"] = index_by_sample(
+            [p for p in list_files(label_path, LABEL_EXTENSIONS)
+             if not p.name.endswith("_flows.tif")], suffixes=(mask_filter,))
+    elif require_labels:
+        raise InputError("no label files found", label_path)
+    if (sample_dir / "spots").is_dir():
+        groups["spots"] = index_by_sample(list_files(sample_dir / "spots", (".csv",)),
+                                          suffixes=("_spot", "_spots"))
+    required = [r for r in ("images", "heatmaps", "labels") if r in groups]
+    crops = []
+    for key, paths in pair_samples(groups, required=required):
+        image = read_image(paths["images"], mode)
+        heatmap = read_image(paths["heatmaps"], "gray")
+        labels = read_label(paths["labels"]) if "labels" in paths else None
+        for what, array in (("heatmap", heatmap), ("label", labels)):
+            if array is not None and array.shape[:2] != image.shape[:2]:
+                raise InputError(f"{what} shape {array.shape[:2]} differs from its image's "
+                                 f"{image.shape[:2]} ({paths['images'].name})",
+                                 paths["heatmaps" if what == "heatmap" else "labels"])
+        crops.append(Crop(sample_dir.name, key, image, heatmap, labels,
+                          _read_spot_pixels(paths.get("spots")), paths["images"],
+                          paths.get("labels")))
+    return sorted(crops, key=lambda c: _natural_key(c.key))
+
+
+def _natural_key(text: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def sample_folders(root: str | Path) -> list[Path]:
+    """Sample folders under a dataset root (every sub-folder, natural order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError("dataset folder not found", root)
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: _natural_key(p.name))
+    if not folders:
+        raise InputError("no sample folders found (expected <root>/<sample>/images/...)", root)
+    return folders
+
+
+def load_dataset(root: str | Path, *, round_index: int = 1,
+                 refined_name: str = REFINED_LABEL_DIR, **kwargs) -> list[Crop]:
+    """Load all sample folders of a dataset root; labels follow :func:`label_folder_for_round`.
+
+    Keyword arguments are passed to :func:`load_sample_folder`.
+    """
+    crops: list[Crop] = []
+    for folder in sample_folders(root):
+        label_dir = label_folder_for_round(folder, round_index, refined_name)
+        crops.extend(load_sample_folder(folder, label_dir=label_dir, **kwargs))
+    logger.info("%s: %d crops from %d sample folder(s)", root, len(crops),
+                len({c.sample for c in crops}))
+    return crops
+
+
+def network_input(crop: Crop) -> np.ndarray:
+    """Stack a crop's image channels and heatmap into (C, H, W) float32, unnormalised.
+
+    C = 2 (grey, heatmap) or 4 (B, G, R, heatmap); the heatmap is the last channel.
+    """
+    image = crop.image[..., None] if crop.image.ndim == 2 else crop.image
+    stacked = np.concatenate([image.astype(np.float32),
+                              crop.heatmap[..., None].astype(np.float32)], axis=-1)
+    return np.ascontiguousarray(np.moveaxis(stacked, -1, 0))

@@ -1,0 +1,344 @@
+"""Label image -> flow training target (spec 4.1), one implementation on every device.
+
+Semantics are those of upstream's GPU variant (``masks_to_flows_gpu``), used on CPU and
+CUDA alike (spec 12 item 20); upstream's CPU variant, with its log-index quirk, is not
+reproduced. For a label image with cells 1..K:
+
+1. pad by 1 px of zeros;
+2. the center of a cell is its pixel nearest (squared Euclidean) to the point
+   (median y, median x) of its pixels, first minimum in raster order;
+3. ``n_iter = 2 * max_k (h_k + w_k + 2)`` with ``h_k, w_k`` the bbox extents of cell k;
+   the same ``n_iter`` serves all cells;
+4. a float64 field ``T = 0`` is iterated ``n_iter`` times: add 1 at every center, then
+   synchronously ``T(p) = (1/9) * sum of T(q)`` over the 9-point stencil of ``p``
+   restricted to pixels ``q`` carrying the label of ``p`` (the divisor stays 9);
+5. ``T = ln(1 + T)``; ``dY = T(y+1, x) - T(y-1, x)``, ``dX = T(y, x+1) - T(y, x-1)`` on
+   raw neighbours, so a touching cell's ``T`` leaks into boundary gradients (as upstream);
+6. ``(dY, dX) /= 1e-20 + |(dY, dX)|`` inside cells, 0 on background.
+
+The diffusion runs on all cells at once over the bounding box of the labelled region.
+
+Targets are cached by label *content* (a blake2b hash of bytes, shape and dtype), so an
+edited label is never served a stale target (spec 12 item 16).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from GeneSegNet.device import as_device
+from GeneSegNet.io.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+# 9-point stencil as (dy, dx): self, N, S, W, E, NW, NE, SW, SE. The order fixes the
+# floating-point summation order of the diffusion.
+STENCIL: tuple[tuple[int, int], ...] = (
+    (0, 0),
+    (-1, 0),
+    (1, 0),
+    (0, -1),
+    (0, 1),
+    (-1, -1),
+    (-1, 1),
+    (1, -1),
+    (1, 1),
+)
+
+# Bumped whenever the target definition changes, so old on-disk caches miss.
+_TARGET_VERSION = b"genesegnet-flow-targets-v1"
+# Ids are stored in a float32 plane: beyond 2**24 they would no longer be exact.
+_MAX_FLOAT32_ID = 2**24
+
+
+def _check_labels(masks: np.ndarray) -> np.ndarray:
+    masks = np.asarray(masks)
+    if masks.ndim != 2:
+        raise ValueError(f"label image must be 2-D [H,W], got shape {masks.shape}")
+    if not (np.issubdtype(masks.dtype, np.integer) or masks.dtype == np.bool_):
+        raise ValueError(f"label image must have an integer dtype, got {masks.dtype}")
+    if np.issubdtype(masks.dtype, np.signedinteger) and masks.size and masks.min() < 0:
+        raise ValueError("label image has negative ids; ids must be >= 0 (0 = background)")
+    return masks
+
+
+def _group_median(sorted_values: np.ndarray, starts: np.ndarray, counts: np.ndarray):
+    """Median of each group of a group-wise sorted array (mean of the middle pair if even)."""
+    lo = sorted_values[starts + (counts - 1) // 2].astype(np.float64)
+    hi = sorted_values[starts + counts // 2].astype(np.float64)
+    return (lo + hi) / 2.0
+
+
+def cell_geometry(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Centers and diffusion length of every cell, vectorised over cells.
+
+    Parameters
+    ----------
+    masks : integer array [H,W], 0 = background, any non-negative ids.
+
+    Returns
+    -------
+    ids : [K] the distinct non-zero ids, ascending (dtype of ``masks``).
+    centers : int64 [K,2] (y, x) of each cell's center pixel (spec 4.1).
+    n_iter : int, ``2 * max_k (h_k + w_k + 2)``; 0 when there are no cells.
+    """
+    masks = _check_labels(masks)
+    ys, xs = np.nonzero(masks)  # raster order
+    if ys.size == 0:
+        return np.zeros(0, masks.dtype), np.zeros((0, 2), np.int64), 0
+    ids, group = np.unique(masks[ys, xs], return_inverse=True)
+    order = np.argsort(group, kind="stable")  # group cells, raster order within a cell
+    group, ys, xs = group[order], ys[order], xs[order]
+    counts = np.bincount(group, minlength=ids.size)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    # ys is ascending within each group (raster order); xs needs its own sort.
+    xs_sorted = xs[np.lexsort((xs, group))]
+    ymed = _group_median(ys, starts, counts)
+    xmed = _group_median(xs_sorted, starts, counts)
+    dist = (ys - ymed[group]) ** 2 + (xs - xmed[group]) ** 2
+    is_min = dist == np.minimum.reduceat(dist, starts)[group]
+    candidates = np.flatnonzero(is_min)
+    _, first = np.unique(group[candidates], return_index=True)
+    pick = candidates[first]
+    centers = np.stack([ys[pick], xs[pick]], axis=1).astype(np.int64)
+    height = ys[starts + counts - 1] - ys[starts] + 1
+    width = np.maximum.reduceat(xs, starts) - np.minimum.reduceat(xs, starts) + 1
+    n_iter = int(2 * (height + width + 2).max())
+    return ids, centers, n_iter
+
+
+def _same_label(near: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+    """float64 0/1: ``near`` carries the (non-zero) label of ``center``."""
+    return ((near == center) & (center > 0)).to(torch.float64)
+
+
+def _diagonal_fixes(lab: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Diagonal pairs that the row-then-column pass of `_diffuse` misses.
+
+    The separable pass reaches a diagonal neighbour q = p + (dy, dx) only through the
+    vertical neighbour p + (dy, 0), so it misses q when q has the label of p but
+    p + (dy, 0) does not. Returns, per diagonal, flat indices of such p (into the
+    [h-2,w-2] interior) and of q (into the padded [h,w] crop); each p appears once per list.
+    """
+    h, w = lab.shape
+    inner = lab[1:-1, 1:-1]
+    fixes = []
+    for dy, dx in STENCIL[5:]:
+        diag = lab[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx]
+        vert = lab[1 + dy : h - 1 + dy, 1:-1]
+        py, px = torch.nonzero((diag == inner) & (inner > 0) & (vert != inner), as_tuple=True)
+        if py.numel():
+            fixes.append((py * (w - 2) + px, (py + 1 + dy) * w + (px + 1 + dx)))
+    return fixes
+
+
+def _diffuse(lab: torch.Tensor, centers: torch.Tensor, n_iter: int) -> torch.Tensor:
+    """Run the label-restricted 9-point diffusion; return ``ln(1 + T)``, float64 [h,w].
+
+    ``lab`` is the padded label crop (int64 [h,w], zero outer ring); ``centers`` the flat
+    indices of the centers into it. The 9-point sum over same-label neighbours is done
+    as a masked row pass then a masked column pass (the same terms, each added once),
+    plus the few diagonal terms that pass cannot reach (`_diagonal_fixes`). All terms
+    are non-negative, so there is no cancellation.
+    """
+    h, w = lab.shape
+    mid, inner = lab[:, 1:-1], lab[1:-1, 1:-1]
+    left_w = _same_label(lab[:, :-2], mid)
+    right_w = _same_label(lab[:, 2:], mid)
+    up_w = _same_label(lab[:-2, 1:-1], inner)
+    down_w = _same_label(lab[2:, 1:-1], inner)
+    fixes = _diagonal_fixes(lab)
+    field = torch.zeros((h, w), dtype=torch.float64, device=lab.device)
+    flat = field.view(-1)
+    rows = torch.empty((h, w - 2), dtype=torch.float64, device=lab.device)
+    acc = torch.empty((h - 2, w - 2), dtype=torch.float64, device=lab.device)
+    acc_flat = acc.view(-1)
+    for _ in range(n_iter):
+        flat[centers] += 1.0
+        # T is 0 on background and the ring, so self terms need no weight.
+        torch.addcmul(field[:, 1:-1], field[:, :-2], left_w, out=rows)
+        rows.addcmul_(field[:, 2:], right_w)
+        torch.addcmul(rows[1:-1], rows[:-2], up_w, out=acc)
+        acc.addcmul_(rows[2:], down_w)
+        for p_idx, q_idx in fixes:
+            acc_flat.index_add_(0, p_idx, flat[q_idx])
+        torch.div(acc, 9.0, out=field[1:-1, 1:-1])
+    return torch.log(1.0 + field)
+
+
+def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu") -> np.ndarray:
+    """Unit flow field of a label image (spec 4.1, GPU-variant semantics).
+
+    Parameters
+    ----------
+    masks : integer array [H,W]; 0 = background, cells are any non-negative ids
+        (need not be consecutive).
+    device : torch device for the diffusion (float64 on every device).
+
+    Returns
+    -------
+    float32 [2,H,W] (dY, dX): unit vectors inside cells (0 where the gradient vanishes),
+    0 on background.
+    """
+    masks = _check_labels(masks)
+    height, width = masks.shape
+    flows = np.zeros((2, height, width), np.float32)
+    ids, centers, n_iter = cell_geometry(masks)
+    if ids.size == 0:
+        return flows
+    rows, cols = np.nonzero(masks.any(axis=1))[0], np.nonzero(masks.any(axis=0))[0]
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    # Compact ids 1..K in a padded crop of the labelled bounding box.
+    crop = np.zeros((y1 - y0 + 2, x1 - x0 + 2), np.int64)
+    crop[1:-1, 1:-1] = np.searchsorted(ids, masks[y0:y1, x0:x1]) + 1
+    crop[1:-1, 1:-1][masks[y0:y1, x0:x1] == 0] = 0
+    dev = as_device(device)
+    lab = torch.from_numpy(crop).to(dev)
+    flat_centers = (centers[:, 0] - y0 + 1) * crop.shape[1] + (centers[:, 1] - x0 + 1)
+    logt = _diffuse(lab, torch.from_numpy(flat_centers).to(dev), n_iter)
+    d_y = logt[2:, 1:-1] - logt[:-2, 1:-1]
+    d_x = logt[1:-1, 2:] - logt[1:-1, :-2]
+    in_cell = lab[1:-1, 1:-1] > 0
+    d_y = torch.where(in_cell, d_y, 0.0)
+    d_x = torch.where(in_cell, d_x, 0.0)
+    norm = torch.sqrt(d_y * d_y + d_x * d_x) + 1e-20
+    out = torch.stack([d_y / norm, d_x / norm]).to(torch.float32).cpu().numpy()
+    flows[:, y0:y1, x0:x1] = out
+    return flows
+
+
+def renumber_labels(labels: np.ndarray) -> np.ndarray:
+    """Renumber non-zero ids to 1..K in raster order of first appearance.
+
+    Returns int32 [H,W] (int64 if K does not fit in int32); 0 stays 0. The input is not
+    modified.
+    """
+    labels = _check_labels(labels)
+    flat = labels.ravel()
+    values, first = np.unique(flat, return_index=True)
+    new_ids = np.zeros(values.size, np.int64)
+    nonzero = values != 0
+    order = np.argsort(first[nonzero], kind="stable")
+    ranks = np.empty(order.size, np.int64)
+    ranks[order] = np.arange(1, order.size + 1)
+    new_ids[nonzero] = ranks
+    dtype = np.int32 if order.size <= np.iinfo(np.int32).max else np.int64
+    return new_ids[np.searchsorted(values, flat)].reshape(labels.shape).astype(dtype)
+
+
+def labels_to_flow_targets(
+    labels: np.ndarray, device: torch.device | str | None = "cpu"
+) -> np.ndarray:
+    """Training target of one label image (spec 4.1 step 3).
+
+    Returns float32 [4,H,W]: (ids renumbered 1..K in raster order of first appearance,
+    binary ``labels > 0``, dY, dX). Raises ``ValueError`` if K >= 2**24 (ids would not be
+    exact in float32).
+    """
+    renumbered = renumber_labels(labels)
+    n_cells = int(renumbered.max()) if renumbered.size else 0
+    if n_cells >= _MAX_FLOAT32_ID:
+        raise ValueError(f"{n_cells} cells: ids cannot be stored exactly in a float32 target")
+    target = np.empty((4, *renumbered.shape), np.float32)
+    target[0] = renumbered
+    target[1] = renumbered > 0
+    target[2:] = masks_to_flows(renumbered, device=device)
+    return target
+
+
+def label_key(labels: np.ndarray) -> str:
+    """Content key of a label image: blake2b of its bytes, shape and dtype (hex, 32 chars)."""
+    labels = np.ascontiguousarray(labels)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(_TARGET_VERSION)
+    digest.update(repr((labels.shape, labels.dtype.str)).encode())
+    digest.update(labels.view(np.uint8).ravel() if labels.size else b"")
+    return digest.hexdigest()
+
+
+class FlowTargetCache:
+    """Flow targets keyed by label content; computed on a miss.
+
+    Parameters
+    ----------
+    cache_dir : folder for ``<key>.npy`` files (written atomically), or None to keep
+        targets in memory only.
+    device : default torch device for computing targets on a miss.
+
+    ``hits`` and ``misses`` count lookups. Returned arrays are copies, so callers may
+    modify them freely.
+    """
+
+    def __init__(
+        self, cache_dir: Path | str | None = None, device: torch.device | str | None = "cpu"
+    ) -> None:
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.device = device
+        self._memory: dict[str, np.ndarray] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, key: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"{key}.npy"
+
+    def _load(self, key: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        if self.cache_dir is None:
+            return self._memory.get(key)
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        try:
+            target = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            logger.warning("unreadable flow cache %s (%s); recomputing", path, err)
+            return None
+        if target.shape != (4, *shape) or target.dtype != np.float32:
+            logger.warning("flow cache %s has the wrong shape or dtype; recomputing", path)
+            return None
+        return target
+
+    def _store(self, key: str, target: np.ndarray) -> None:
+        if self.cache_dir is None:
+            self._memory[key] = target
+            return
+        with atomic_path(self._path(key)) as tmp:
+            np.save(tmp, target, allow_pickle=False)
+
+    def get(self, labels: np.ndarray, device: torch.device | str | None = None) -> np.ndarray:
+        """Float32 [4,H,W] target of ``labels`` (see `labels_to_flow_targets`).
+
+        ``device`` overrides the cache's default device for a miss.
+        """
+        labels = _check_labels(labels)
+        key = label_key(labels)
+        target = self._load(key, labels.shape)
+        if target is not None:
+            self.hits += 1
+            return target.copy()
+        self.misses += 1
+        target = labels_to_flow_targets(labels, device=self.device if device is None else device)
+        self._store(key, target)
+        return target.copy()
+
+
+def compute_flow_targets(
+    labels: list[np.ndarray],
+    device: torch.device | str | None = "cpu",
+    cache: FlowTargetCache | None = None,
+    progress: bool = False,
+) -> list[np.ndarray]:
+    """Flow targets (float32 [4,H,W] each) of a list of label images, through ``cache``."""
+    targets = []
+    for lab in tqdm(labels, desc="flow targets", disable=not progress):
+        if cache is None:
+            targets.append(labels_to_flow_targets(lab, device=device))
+        else:
+            targets.append(cache.get(lab, device=device))
+    return targets

@@ -1,0 +1,241 @@
+"""Reading and writing images and label images.
+
+Images: jpg, png, tif/tiff (including OME-TIFF), 8- or 16-bit, grey or colour. Colour
+images are returned in OpenCV's BGR channel order, channels last, as upstream did.
+Label images: png, tif, MATLAB ``.mat`` (key ``CellMap``) and ``.npy``; instance ids
+keep an integer type at least as wide as stored (never truncated to 8 bit).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+from GeneSegNet.errors import InputError
+from GeneSegNet.io.atomic import atomic_path
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+LABEL_EXTENSIONS = (".png", ".tif", ".tiff", ".mat", ".npy")
+TIFF_EXTENSIONS = (".tif", ".tiff")
+MAT_LABEL_KEY = "CellMap"
+UINT16_MAX = np.iinfo(np.uint16).max
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """First series, full resolution, as (H, W) or (H, W, C)."""
+    with tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise InputError("TIFF file contains no image", path)
+        series = tif.series[0]
+        array = series.levels[0].asarray() if series.levels else series.asarray()
+        axes = series.axes
+    array = np.squeeze(array)
+    if array.ndim == 3 and ("C" in axes or "S" in axes):
+        # OME-TIFF and ImageJ stacks store channels first (CYX); samples are last (YXS).
+        if array.shape[0] < array.shape[-1] and array.shape[0] <= 8:
+            array = np.moveaxis(array, 0, -1)
+    if array.ndim not in (2, 3):
+        raise InputError(f"expected a 2-D image, found an array of shape {array.shape}", path)
+    return array
+
+
+def _check_readable(path: Path) -> None:
+    if not path.is_file():
+        raise InputError("file not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("file is empty", path)
+
+
+def read_image(path: str | Path, mode: str = "unchanged") -> np.ndarray:
+    """Read an image file.
+
+    Parameters
+    ----------
+    path : image file (png, jpg, jpeg, tif, tiff).
+    mode : "unchanged" returns the stored array ((H, W) or (H, W, C), uint8/uint16/float);
+        "gray" returns (H, W) in the stored bit depth (colour is converted with OpenCV's
+        BGR weights; other multi-channel images keep their first channel, the nuclear
+        stain); "color" returns (H, W, 3) BGR.
+
+    Raises
+    ------
+    InputError : missing, empty, unreadable or not an image.
+    """
+    path = Path(path)
+    _check_readable(path)
+    if path.suffix.lower() in TIFF_EXTENSIONS:
+        try:
+            image = _read_tiff(path)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - tifffile raises many types on bad files
+            raise InputError(f"cannot read TIFF image ({exc})", path) from exc
+    else:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise InputError("cannot read image (corrupt or unsupported format)", path)
+        if image.ndim == 3 and image.shape[2] == 4:  # drop alpha
+            image = image[:, :, :3]
+    if image.size == 0 or min(image.shape[:2]) == 0:
+        raise InputError("image has no pixels", path)
+    return _convert_mode(image, mode, path)
+
+
+def _convert_mode(image: np.ndarray, mode: str, path: Path) -> np.ndarray:
+    if mode == "unchanged":
+        return image
+    if mode == "gray":
+        if image.ndim == 2:
+            return image
+        if image.shape[2] == 3:
+            return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        return np.ascontiguousarray(image[:, :, 0])
+    if mode == "color":
+        if image.ndim == 2:
+            return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        if image.shape[2] == 3:
+            return image
+        if image.shape[2] == 1:
+            return np.repeat(image, 3, axis=2)
+        raise InputError(f"cannot make a colour image from {image.shape[2]} channels", path)
+    raise ValueError(f"unknown image mode {mode!r}")
+
+
+def _as_label_array(array: np.ndarray, path: Path) -> np.ndarray:
+    array = np.asarray(array)
+    if array.ndim > 2:  # e.g. (1, H, W) stacks; a single-row image stays 2-D
+        array = np.squeeze(array)
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        raise InputError("label image has colour channels; expected one integer id per pixel", path)
+    if array.ndim != 2:
+        raise InputError(f"label image must be 2-D, found shape {array.shape}", path)
+    if array.dtype == bool:
+        return array.astype(np.int32)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+            raise InputError("label image holds non-integer values", path)
+        return array.astype(np.int64 if array.max(initial=0) > np.iinfo(np.int32).max else np.int32)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"label image has unsupported type {array.dtype}", path)
+    if array.size and array.min() < 0:
+        raise InputError("label image holds negative ids", path)
+    return array
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Read an instance label image (0 = background), keeping the stored integer type.
+
+    Supports png/tif (read unchanged), ``.mat`` (key ``CellMap``) and ``.npy`` (an array,
+    or a Cellpose-style dict with key ``masks``).
+    """
+    path = Path(path)
+    _check_readable(path)
+    suffix = path.suffix.lower()
+    if suffix == ".mat":
+        array = _read_mat_label(path)
+    elif suffix == ".npy":
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except ValueError:
+            loaded = _read_npy_dict(path)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"cannot read .npy label ({exc})", path) from exc
+        array = loaded
+    elif suffix in TIFF_EXTENSIONS:
+        try:
+            array = tifffile.imread(path)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"cannot read TIFF label ({exc})", path) from exc
+    else:
+        array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if array is None:
+            raise InputError("cannot read label image (corrupt or unsupported format)", path)
+    return _as_label_array(array, path)
+
+
+def _read_npy_dict(path: Path) -> np.ndarray:
+    """Cellpose ``_seg.npy`` files are pickled dicts; only plain arrays are accepted."""
+    try:
+        data = np.load(path, allow_pickle=True).item()
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot read .npy label ({exc})", path) from exc
+    if not isinstance(data, dict) or "masks" not in data:
+        raise InputError("a pickled .npy label must be a dict with key 'masks'", path)
+    return np.asarray(data["masks"])
+
+
+def _read_mat_label(path: Path) -> np.ndarray:
+    from scipy.io import loadmat
+
+    try:
+        data = loadmat(path)
+    except NotImplementedError as exc:
+        raise InputError("MATLAB v7.3 (HDF5) files are not supported; save with -v7", path) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"cannot read .mat file ({exc})", path) from exc
+    if MAT_LABEL_KEY not in data:
+        keys = sorted(k for k in data if not k.startswith("__"))
+        raise InputError(f"no '{MAT_LABEL_KEY}' variable in .mat file (found {keys})", path)
+    return data[MAT_LABEL_KEY]
+
+
+def write_image(path: str | Path, image: np.ndarray, jpeg_quality: int = 95) -> Path:
+    """Write an image atomically (format from the suffix: png, jpg or tif)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() in TIFF_EXTENSIONS:
+            tifffile.imwrite(tmp, image)
+        else:
+            params = (
+                [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+                if path.suffix.lower() in (".jpg", ".jpeg")
+                else []
+            )
+            if not cv2.imwrite(str(tmp), image, params):
+                raise OSError(f"OpenCV could not write {path}")
+    return path
+
+
+def label_file_suffix(labels: np.ndarray) -> str:
+    """ ".png" when the ids fit 16-bit PNG, else ".tif" (32-bit)."""
+    return ".png" if int(labels.max(initial=0)) <= UINT16_MAX else ".tif"
+
+
+def write_label(path: str | Path, labels: np.ndarray) -> Path:
+    """Write a label image atomically, choosing the narrowest lossless type.
+
+    ``.png``: 8-bit when ids ≤ 255, else 16-bit; ids above 65,535 cannot be stored in a
+    PNG, so the file is written as 32-bit TIFF with suffix ``.tif`` instead (the path
+    actually written is returned). ``.tif``/``.tiff``: uint8/16/32 as needed.
+    ``.mat``: key ``CellMap``. ``.npy``: the integer array.
+    """
+    path = Path(path)
+    labels = np.asarray(labels)
+    top = int(labels.max(initial=0))
+    suffix = path.suffix.lower()
+    if suffix == ".png" and top > UINT16_MAX:
+        path = path.with_suffix(".tif")
+        suffix = ".tif"
+    dtype = np.uint8 if top <= 255 else np.uint16 if top <= UINT16_MAX else np.uint32
+    data = labels.astype(dtype, copy=False)
+    with atomic_path(path) as tmp:
+        if suffix == ".png":
+            if not cv2.imwrite(str(tmp), data):
+                raise OSError(f"OpenCV could not write {path}")
+        elif suffix in TIFF_EXTENSIONS:
+            tifffile.imwrite(tmp, data, compression="zlib")
+        elif suffix == ".mat":
+            from scipy.io import savemat
+
+            savemat(tmp, {MAT_LABEL_KEY: data}, do_compression=True)
+        elif suffix == ".npy":
+            np.save(tmp, data)
+        else:
+            raise ValueError(f"unsupported label format {suffix!r}")
+    return path

@@ -1,0 +1,33 @@
+"""Logging set-up for the command-line scripts (the package itself never configures it)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_OWN_HANDLER = "_genesegnet_handler"
+
+
+def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> None:
+    """Log INFO (DEBUG with ``verbose``) to stderr and, optionally, append to ``log_file``.
+
+    Only handlers installed by an earlier call are replaced, so calling it again (for
+    example when scripts call each other, or under pytest) neither duplicates lines nor
+    removes other handlers.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, _OWN_HANDLER, False):
+            root.removeHandler(handler)
+            handler.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))
+    for handler in handlers:
+        setattr(handler, _OWN_HANDLER, True)
+        handler.setFormatter(logging.Formatter(FORMAT))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -1,0 +1,195 @@
+"""Assign transcripts to cells by one vectorised lookup into a label image.
+
+A spot at (x, y) lies in pixel (row, col) = (floor(y), floor(x)); for the non-negative
+coordinates of a valid spot this equals upstream's ``int(float())`` truncation. Spots
+with a non-finite coordinate, or outside the image (x < 0, y < 0, x ≥ W or y ≥ H), are
+never wrapped around: they are counted and either written with cell id 0 (background,
+the default) or dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import fastremap
+import numpy as np
+import pandas as pd
+
+from GeneSegNet.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+OUT_OF_BOUNDS_POLICIES = ("background", "drop")
+MAPPING_COLUMNS = ("cell_id", "spotX", "spotY", "gene")
+
+
+@dataclass
+class MappingResult:
+    """Per-spot cell ids and counts of what happened to the spots."""
+
+    table: pd.DataFrame  # cell_id, spotX, spotY, gene; sorted by cell_id (stable)
+    n_spots: int
+    n_invalid: int  # non-numeric or non-finite coordinates
+    n_out_of_bounds: int  # finite but outside the image
+    n_background: int  # inside the image, on a pixel with id 0
+    n_assigned: int  # inside a cell
+
+    def summary(self) -> str:
+        return (f"{self.n_spots} spots: {self.n_assigned} in cells, {self.n_background} on "
+                f"background, {self.n_out_of_bounds} outside the image, {self.n_invalid} with "
+                f"invalid coordinates")
+
+
+def lookup_cell_ids(labels: np.ndarray, x: np.ndarray, y: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell id under each spot.
+
+    Parameters
+    ----------
+    labels : (H, W) integer label image.
+    x, y : float spot coordinates (x = column, y = row), shape (N,).
+
+    Returns
+    -------
+    cell_ids : (N,) int64, 0 for background and for spots that are not inside the image.
+    finite : (N,) bool, coordinates are finite numbers.
+    inside : (N,) bool, finite and inside the image.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    height, width = labels.shape
+    finite = np.isfinite(x) & np.isfinite(y)
+    with np.errstate(invalid="ignore"):
+        inside = finite & (x >= 0) & (y >= 0) & (x < width) & (y < height)
+    cell_ids = np.zeros(x.shape, dtype=np.int64)
+    rows = y[inside].astype(np.int64)  # floor == trunc for non-negative values
+    cols = x[inside].astype(np.int64)
+    cell_ids[inside] = labels[rows, cols]
+    return cell_ids, finite, inside
+
+
+def stable_order(keys: np.ndarray) -> np.ndarray:
+    """Indices that sort non-negative integer ``keys`` stably (equal keys keep their order).
+
+    Keys below 2**16 use numpy's O(n) radix sort; larger keys sort the unique composite
+    key ``key·n + position``, which is faster than a stable sort of 64-bit integers.
+    """
+    keys = np.asarray(keys)
+    if keys.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if int(keys.max()) < 2**16:
+        return np.argsort(keys.astype(np.uint16), kind="stable")
+    n = keys.size
+    if int(keys.max()) < np.iinfo(np.int64).max // max(n, 1):
+        return np.argsort(keys.astype(np.int64) * n + np.arange(n))
+    return np.argsort(keys, kind="stable")
+
+
+def map_transcripts(labels: np.ndarray, spots: pd.DataFrame, out_of_bounds: str = "background"
+                    ) -> MappingResult:
+    """Assign every spot of ``spots`` (columns x, y, gene) to the cell under it.
+
+    The table keeps the original coordinates, is sorted by cell id (background first)
+    and keeps file order within a cell, as upstream.
+    """
+    if out_of_bounds not in OUT_OF_BOUNDS_POLICIES:
+        raise ValueError(f"out_of_bounds must be one of {OUT_OF_BOUNDS_POLICIES}")
+    x = spots["x"].to_numpy(np.float64)
+    y = spots["y"].to_numpy(np.float64)
+    cell_ids, finite, inside = lookup_cell_ids(labels, x, y)
+    keep = np.flatnonzero(inside) if out_of_bounds == "drop" else np.arange(len(x))
+    order = keep[stable_order(cell_ids[keep])]
+    table = pd.DataFrame({
+        "cell_id": cell_ids[order],
+        "spotX": x[order],
+        "spotY": y[order],
+        "gene": spots["gene"].take(order).array,
+    })
+    n_assigned = int(np.count_nonzero(cell_ids))
+    return MappingResult(
+        table=table,
+        n_spots=len(x),
+        n_invalid=int((~finite).sum()),
+        n_out_of_bounds=int((finite & ~inside).sum()),
+        n_background=int(inside.sum()) - n_assigned,
+        n_assigned=n_assigned,
+    )
+
+
+def cell_by_gene_counts(labels: np.ndarray, cell_ids: np.ndarray, genes: np.ndarray
+                        ) -> pd.DataFrame:
+    """Cell-by-gene transcript counts.
+
+    Rows are all cells of ``labels`` (ascending id, index ``cell_id``), including cells
+    without transcripts; columns are the genes (sorted). Background spots (id 0) are not
+    counted.
+    """
+    cells = fastremap.unique(labels)
+    cells = cells[cells != 0].astype(np.int64)
+    gene_names, gene_codes = np.unique(np.asarray(genes).astype(str), return_inverse=True)
+    assigned = np.asarray(cell_ids) != 0
+    rows = np.searchsorted(cells, np.asarray(cell_ids)[assigned])
+    flat = rows * len(gene_names) + gene_codes[assigned]
+    counts = np.bincount(flat, minlength=len(cells) * len(gene_names))
+    matrix = counts.reshape(len(cells), len(gene_names)).astype(np.int64)
+    frame = pd.DataFrame(matrix, index=pd.Index(cells, name="cell_id"), columns=gene_names)
+    return frame
+
+
+LABEL_PREFIXES = ("label_",)
+LABEL_SUFFIXES = ("_label", "_labels", "_masks", "_mask", "_cp_masks")
+SPOT_SUFFIXES = ("_spots", "_spot")
+
+
+def map_dataset(label_dir: str | Path, spot_dir: str | Path, save_dir: str | Path, *,
+                out_of_bounds: str = "background", spot_scale: float = 1.0,
+                progress: bool = False) -> list[tuple[Path, MappingResult]]:
+    """Map every spot table of ``spot_dir`` onto its label image of ``label_dir``.
+
+    Files are paired by sample name (``label_<name>.png`` as written by the inference
+    script pairs with ``<name>.csv``). For each sample writes ``<save_dir>/<name>.csv``
+    (cell_id, spotX, spotY, gene) and ``<save_dir>/<name>_cell_by_gene.csv``.
+    """
+    from tqdm import tqdm
+
+    from GeneSegNet.io import (
+        LABEL_EXTENSIONS,
+        SPOT_EXTENSIONS,
+        atomic_path,
+        index_by_sample,
+        list_files,
+        pair_samples,
+        read_label,
+        read_spots,
+    )
+
+    groups = {
+        "labels": index_by_sample(list_files(label_dir, LABEL_EXTENSIONS), LABEL_PREFIXES,
+                                  LABEL_SUFFIXES),
+        "spots": index_by_sample(list_files(spot_dir, SPOT_EXTENSIONS), (), SPOT_SUFFIXES),
+    }
+    if not groups["spots"]:
+        raise InputError("no spot tables found (expected .csv, .csv.gz or .parquet)", spot_dir)
+    pairs = pair_samples(groups)
+    save_dir = Path(save_dir)
+    results = []
+    for name, paths in tqdm(pairs, desc="samples", disable=not progress):
+        labels = read_label(paths["labels"])
+        spots = read_spots(paths["spots"], scale=spot_scale, strict=False)
+        result = map_transcripts(labels, spots, out_of_bounds)
+        if result.n_invalid or result.n_out_of_bounds:
+            logger.warning("%s: %d spot(s) outside the image and %d with invalid coordinates "
+                           "were %s", paths["spots"], result.n_out_of_bounds, result.n_invalid,
+                           "dropped" if out_of_bounds == "drop" else "given cell id 0")
+        out = save_dir / f"{name}.csv"
+        with atomic_path(out) as tmp:
+            result.table.to_csv(tmp, index=False, float_format="%.10g")
+        assigned = result.table["cell_id"].to_numpy()
+        counts = cell_by_gene_counts(labels, assigned, result.table["gene"].to_numpy())
+        with atomic_path(save_dir / f"{name}_cell_by_gene.csv") as tmp:
+            counts.to_csv(tmp)
+        logger.info("%s: %s -> %s", name, result.summary(), out)
+        results.append((out, result))
+    return results

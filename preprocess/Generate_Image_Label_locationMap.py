@@ -1,0 +1,79 @@
+"""Cut raw images, labels and spot tables into training crops with spot heatmaps.
+
+Reads ``<base_dir>/images``, ``labels`` and ``spots`` (paired by sample name) and writes
+upstream's crop layout under ``<save_crop_dir>/<sample>/`` (or under ``train/``, ``val/``
+and ``test/`` with ``--split``). Run from anywhere, e.g.::
+
+    python preprocess/Generate_Image_Label_locationMap.py --base_dir raw --save_crop_dir crops
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
+from GeneSegNet.log import setup_logging
+
+logger = logging.getLogger("GeneSegNet.preprocess")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--base_dir", type=Path, default=Path("raw_data"),
+                        help="raw dataset with images/, labels/ and spots/")
+    parser.add_argument("--save_crop_dir", type=Path, default=Path("preprocessed"),
+                        help="output folder for the crops")
+    parser.add_argument("--n_crops", type=int, default=100, help="crops per image")
+    parser.add_argument("--crop_size", type=int, default=256, help="crop side in pixels")
+    parser.add_argument("--sigma", type=float, default=7.0, help="heatmap Gaussian sigma (px)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of each image's random.Random for crop offsets")
+    parser.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+                        help="split whole samples into train/, val/ and test/ by these fractions")
+    parser.add_argument("--split_seed", type=int, default=0, help="seed of the split shuffle")
+    parser.add_argument("--image_format", choices=("png", "jpg"), default="png",
+                        help="crop image format (jpg: upstream's lossy 8-bit JPEG)")
+    parser.add_argument("--heatmap_format", choices=("png", "jpg"), default="png",
+                        help="heatmap format (jpg: upstream's lossy JPEG)")
+    parser.add_argument("--heatmap_context", choices=("global", "crop"), default="global",
+                        help="global: spots just outside a crop still count (as in whole-image "
+                             "inference); crop: only spots inside the crop (upstream)")
+    parser.add_argument("--spot_scale", type=float, default=1.0,
+                        help="pixels per spot-coordinate unit (e.g. 4.706 for Xenium microns)")
+    parser.add_argument("--no_labels", action="store_true",
+                        help="allow a dataset without labels/ (crops without label files)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace sample folders that already exist")
+    add_verbose_arg(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def run() -> int:
+        from GeneSegNet.crops import CropConfig, prepare_dataset
+
+        config = CropConfig(n_crops=args.n_crops, crop_size=args.crop_size, sigma=args.sigma,
+                            seed=args.seed, image_format=args.image_format,
+                            heatmap_format=args.heatmap_format,
+                            heatmap_context=args.heatmap_context)
+        written = prepare_dataset(args.base_dir, args.save_crop_dir, config, split=args.split,
+                                  split_seed=args.split_seed, spot_scale=args.spot_scale,
+                                  require_labels=not args.no_labels, overwrite=args.overwrite,
+                                  progress=True)
+        for folder in written:
+            logger.info("wrote %s", folder)
+        logger.info("%d sample folder(s) written under %s", len(written), args.save_crop_dir)
+        return 0
+
+    return run_reporting_errors(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

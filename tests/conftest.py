@@ -1,0 +1,30 @@
+"""Shared fixtures and markers for the test suite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Keep torch from oversubscribing the small CI machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(min(2, previous))
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
