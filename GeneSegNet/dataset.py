@@ -97,14 +97,12 @@ def load_sample_folder(sample_dir: str | Path, *, chan: int = 2, img_filter: str
     """Load every crop of one sample folder, paired by crop key."""
     sample_dir = Path(sample_dir)
     mode = channels_for(chan)
-    groups = {
-        "images": index_by_sample(list_files(sample_dir / "images", IMAGE_EXTENSIONS),
-                                  suffixes=(img_filter,)),
-        "heatmaps": index_by_sample(list_files(sample_dir / HEATMAP_SUBDIR, IMAGE_EXTENSIONS),
-                                    suffixes=(heatmap_filter,)),
-    }
+    groups = {"images": index_by_sample(list_files(sample_dir / "images", IMAGE_EXTENSIONS),
+                                        suffixes=(img_filter,))}
     if not groups["images"]:
         raise InputError(f"no images matching *{img_filter}.*", sample_dir / "images")
+    groups["heatmaps"] = index_by_sample(list_files(sample_dir / HEATMAP_SUBDIR, IMAGE_EXTENSIONS),
+                                         suffixes=(heatmap_filter,))
     if not groups["heatmaps"]:
         raise InputError(f"no gaussian heatmaps matching *{heatmap_filter}.*",
                          sample_dir / HEATMAP_SUBDIR)
