@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from GeneSegNet.device import as_device
 from GeneSegNet.io.atomic import atomic_path
+from GeneSegNet.masks import renumber
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +114,9 @@ def cell_geometry(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return ids, centers, n_iter
 
 
-def _same_label(near: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    """float64 0/1: ``near`` carries the (non-zero) label of ``center``."""
-    return ((near == center) & (center > 0)).to(torch.float64)
+def _same_label(near: torch.Tensor, center: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0/1 weights: ``near`` carries the (non-zero) label of ``center``."""
+    return ((near == center) & (center > 0)).to(dtype)
 
 
 def _diagonal_fixes(lab: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -138,8 +139,9 @@ def _diagonal_fixes(lab: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]
     return fixes
 
 
-def _diffuse(lab: torch.Tensor, centers: torch.Tensor, n_iter: int) -> torch.Tensor:
-    """Run the label-restricted 9-point diffusion; return ``ln(1 + T)``, float64 [h,w].
+def _diffuse(lab: torch.Tensor, centers: torch.Tensor, n_iter: int,
+             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Run the label-restricted 9-point diffusion; return ``ln(1 + T)`` [h,w] in ``dtype``.
 
     ``lab`` is the padded label crop (int64 [h,w], zero outer ring); ``centers`` the flat
     indices of the centers into it. The 9-point sum over same-label neighbours is done
@@ -149,15 +151,15 @@ def _diffuse(lab: torch.Tensor, centers: torch.Tensor, n_iter: int) -> torch.Ten
     """
     h, w = lab.shape
     mid, inner = lab[:, 1:-1], lab[1:-1, 1:-1]
-    left_w = _same_label(lab[:, :-2], mid)
-    right_w = _same_label(lab[:, 2:], mid)
-    up_w = _same_label(lab[:-2, 1:-1], inner)
-    down_w = _same_label(lab[2:, 1:-1], inner)
+    left_w = _same_label(lab[:, :-2], mid, dtype)
+    right_w = _same_label(lab[:, 2:], mid, dtype)
+    up_w = _same_label(lab[:-2, 1:-1], inner, dtype)
+    down_w = _same_label(lab[2:, 1:-1], inner, dtype)
     fixes = _diagonal_fixes(lab)
-    field = torch.zeros((h, w), dtype=torch.float64, device=lab.device)
+    field = torch.zeros((h, w), dtype=dtype, device=lab.device)
     flat = field.view(-1)
-    rows = torch.empty((h, w - 2), dtype=torch.float64, device=lab.device)
-    acc = torch.empty((h - 2, w - 2), dtype=torch.float64, device=lab.device)
+    rows = torch.empty((h, w - 2), dtype=dtype, device=lab.device)
+    acc = torch.empty((h - 2, w - 2), dtype=dtype, device=lab.device)
     acc_flat = acc.view(-1)
     for _ in range(n_iter):
         flat[centers] += 1.0
@@ -169,17 +171,23 @@ def _diffuse(lab: torch.Tensor, centers: torch.Tensor, n_iter: int) -> torch.Ten
         for p_idx, q_idx in fixes:
             acc_flat.index_add_(0, p_idx, flat[q_idx])
         torch.div(acc, 9.0, out=field[1:-1, 1:-1])
-    return torch.log(1.0 + field)
+    if dtype == torch.float64:
+        return torch.log(1.0 + field)  # upstream's rounding: symmetric values stay equal
+    return torch.log1p(field)  # in float32, 1 + T would lose the small T near cell edges
 
 
-def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu") -> np.ndarray:
+def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu",
+                   dtype: torch.dtype = torch.float64) -> np.ndarray:
     """Unit flow field of a label image (spec 4.1, GPU-variant semantics).
 
     Parameters
     ----------
     masks : integer array [H,W]; 0 = background, cells are any non-negative ids
         (need not be consecutive).
-    device : torch device for the diffusion (float64 on every device).
+    device : torch device for the diffusion.
+    dtype : precision of the diffusion: float64 (upstream's, the default, used for
+        training targets) or float32 (about twice as fast; ample for the flow-error
+        quality check of reconstruction).
 
     Returns
     -------
@@ -201,7 +209,7 @@ def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu")
     dev = as_device(device)
     lab = torch.from_numpy(crop).to(dev)
     flat_centers = (centers[:, 0] - y0 + 1) * crop.shape[1] + (centers[:, 1] - x0 + 1)
-    logt = _diffuse(lab, torch.from_numpy(flat_centers).to(dev), n_iter)
+    logt = _diffuse(lab, torch.from_numpy(flat_centers).to(dev), n_iter, dtype)
     d_y = logt[2:, 1:-1] - logt[:-2, 1:-1]
     d_x = logt[1:-1, 2:] - logt[1:-1, :-2]
     in_cell = lab[1:-1, 1:-1] > 0
@@ -213,25 +221,6 @@ def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu")
     return flows
 
 
-def renumber_labels(labels: np.ndarray) -> np.ndarray:
-    """Renumber non-zero ids to 1..K in raster order of first appearance.
-
-    Returns int32 [H,W] (int64 if K does not fit in int32); 0 stays 0. The input is not
-    modified.
-    """
-    labels = _check_labels(labels)
-    flat = labels.ravel()
-    values, first = np.unique(flat, return_index=True)
-    new_ids = np.zeros(values.size, np.int64)
-    nonzero = values != 0
-    order = np.argsort(first[nonzero], kind="stable")
-    ranks = np.empty(order.size, np.int64)
-    ranks[order] = np.arange(1, order.size + 1)
-    new_ids[nonzero] = ranks
-    dtype = np.int32 if order.size <= np.iinfo(np.int32).max else np.int64
-    return new_ids[np.searchsorted(values, flat)].reshape(labels.shape).astype(dtype)
-
-
 def labels_to_flow_targets(
     labels: np.ndarray, device: torch.device | str | None = "cpu"
 ) -> np.ndarray:
@@ -241,7 +230,7 @@ def labels_to_flow_targets(
     binary ``labels > 0``, dY, dX). Raises ``ValueError`` if K >= 2**24 (ids would not be
     exact in float32).
     """
-    renumbered = renumber_labels(labels)
+    renumbered = renumber(labels, order="first")
     n_cells = int(renumbered.max()) if renumbered.size else 0
     if n_cells >= _MAX_FLOAT32_ID:
         raise ValueError(f"{n_cells} cells: ids cannot be stored exactly in a float32 target")

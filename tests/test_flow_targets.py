@@ -15,8 +15,8 @@ from GeneSegNet.flow_targets import (
     label_key,
     labels_to_flow_targets,
     masks_to_flows,
-    renumber_labels,
 )
+from GeneSegNet.masks import renumber
 
 # 9-point stencil written out independently of the module: self, N, S, W, E, NW, NE, SW, SE.
 NEIGHBOURS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]
@@ -265,7 +265,7 @@ def test_renumber_by_first_appearance():
     labels[1, 0:2] = 3
     labels[2, 4] = 1000
     labels[3, 0] = 7
-    out = renumber_labels(labels)
+    out = renumber(labels, order="first")
     expected = np.zeros((4, 5), np.int64)
     expected[0, 3] = expected[3, 0] = 1
     expected[1, 0:2] = 2
@@ -282,7 +282,7 @@ def test_labels_to_flow_targets_planes():
     labels[2:5, 8:12] = 3
     target = labels_to_flow_targets(labels)
     assert target.shape == (4, 12, 13) and target.dtype == np.float32
-    np.testing.assert_array_equal(target[0], renumber_labels(labels))
+    np.testing.assert_array_equal(target[0], renumber(labels, order="first"))
     assert set(np.unique(target[0])) == {0, 1, 2, 3}
     np.testing.assert_array_equal(target[1], (labels > 0).astype(np.float32))
     np.testing.assert_array_equal(target[2:], masks_to_flows(labels))

@@ -1,0 +1,286 @@
+"""The network pass on one crop and the masks it yields (spec §7.1-7.2).
+
+One crop goes through: per-channel normalisation (the spot heatmap, last channel, by
+``EvalConfig.heatmap_mode``), a resize by ``r = diam_mean / diameter``, zero padding to a
+multiple of 16 plus 8 px per side, 224-px tiles with ~10 % overlap run in batches,
+taper-weighted blending, removal of the padding and a bilinear resize back to the crop
+size (flow magnitudes are not rescaled). Masks come from
+:func:`GeneSegNet.reconstruct.compute_masks`.
+
+The network is passed in, already loaded: weights are read once per run, never per
+image (upstream re-read them from disk for every image, spec §12 item 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from GeneSegNet.dataset import Crop, network_input
+from GeneSegNet.masks import renumber
+from GeneSegNet.reconstruct import compute_masks
+from GeneSegNet.tiling import blend_tiles, make_tiles
+from GeneSegNet.transforms import normalize_channels, pad_to_multiple, resize_image
+
+logger = logging.getLogger(__name__)
+
+_PAD_MULTIPLE = 16  # upstream pad_image_ND: pad to a multiple of 16 ...
+_PAD_EXTRA = 8  # ... plus 8 px on each side
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of the network pass and of mask reconstruction (spec §7.1 defaults).
+
+    Attributes
+    ----------
+    diameter : expected cell diameter in pixels; the crop is resized by
+        ``diam_mean / diameter``. 0 uses the checkpoint's ``diam_labels`` instead
+        (the training-set median, spec §12 item 22).
+    tile_size : tile edge in pixels (a multiple of the network's size multiple).
+    tile_overlap : fraction of overlap between neighbouring tiles.
+    batch_size : tiles per forward pass.
+    resample : True: compute masks at the crop's resolution (outputs resized back
+        first). False: compute masks at the network's resolution and resize the masks
+        back with nearest neighbour (faster; upstream ``--no_resample``/``--fast_mode``).
+    normalize : per-channel 1-99 % normalisation of the image channels (upstream
+        ``--no_norm`` switches it off; the raw values then go to the network).
+    invert : replace the normalised image channels x by 1 - x (needs ``normalize``).
+    heatmap_mode : ``"fixed"`` (heatmap divided by 255, keeps sparse heatmaps) or
+        ``"percentile"`` (upstream: 1-99 % like the image, zeroes sparse heatmaps).
+    flow_threshold : maximum flow error of a kept mask (0 switches the check off).
+    confidence_threshold : cell-probability logit threshold (0 means p > 0.5).
+    min_size : minimum mask area in pixels, at the resolution the masks are computed at.
+    niter : flow-following steps (upstream 200, not scaled with the resize).
+    y_only_movers : choose the pixels to move by their Y flow only (upstream's quirk,
+        which leaves exactly horizontal flows unlabelled); False tests both components.
+    """
+
+    diameter: float = 32.0
+    tile_size: int = 224
+    tile_overlap: float = 0.1
+    batch_size: int = 8
+    resample: bool = True
+    normalize: bool = True
+    invert: bool = False
+    heatmap_mode: Literal["fixed", "percentile"] = "fixed"
+    flow_threshold: float = 0.4
+    confidence_threshold: float = 0.0
+    min_size: int = 15
+    niter: int = 200
+    y_only_movers: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.diameter >= 0:
+            problems.append(f"diameter must be >= 0 (0 = use the model's), got {self.diameter}")
+        if self.tile_size < 1:
+            problems.append(f"tile_size must be >= 1, got {self.tile_size}")
+        if not 0.0 <= self.tile_overlap < 1.0:
+            problems.append(f"tile_overlap must lie in [0, 1), got {self.tile_overlap}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.heatmap_mode not in ("fixed", "percentile"):
+            problems.append(
+                f"heatmap_mode must be 'fixed' or 'percentile', got {self.heatmap_mode!r}"
+            )
+        if self.invert and not self.normalize:
+            problems.append("invert needs normalisation (it flips the normalised 0..1 range)")
+        if self.niter < 1:
+            problems.append(f"niter must be >= 1, got {self.niter}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class Prediction:
+    """Network outputs and masks of one crop, all at the crop's size (H, W).
+
+    masks : int32 [H, W], cells 1..K (0 = background).
+    flows : float32 [2, H, W], (dY, dX) as the network outputs them (about 5x unit).
+    cellprob : float32 [H, W], cell-probability logits.
+    style : float32 [S], L2-normalised style vector (S = nbase[-1], 256 by default).
+    """
+
+    masks: np.ndarray
+    flows: np.ndarray
+    cellprob: np.ndarray
+    style: np.ndarray
+
+
+def rescale_factor(cfg: EvalConfig, *, diam_mean: float, diam_labels: float) -> float:
+    """Resize factor of the network pass: ``diam_mean / diameter``, or
+    ``diam_mean / diam_labels`` when ``cfg.diameter == 0``."""
+    diameter = cfg.diameter if cfg.diameter > 0 else diam_labels
+    if not diameter > 0 or not diam_mean > 0:
+        raise ValueError(
+            f"cannot derive a resize factor from diam_mean={diam_mean}, diameter={diameter} "
+            "(with --diameter 0 the model's diam_labels must be positive)"
+        )
+    return float(diam_mean) / float(diameter)
+
+
+def _forward_tiles(
+    net: nn.Module, tiles: np.ndarray, batch_size: int, device: torch.device | str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run tiles [n, C, th, tw] in batches; return outputs [n, K, th, tw] and styles [n, S]."""
+    outs, styles = [], []
+    with torch.inference_mode():
+        for start in range(0, len(tiles), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(tiles[start : start + batch_size]))
+            y, style = net(x.to(device=device, dtype=torch.float32))
+            outs.append(y.float().cpu().numpy())
+            styles.append(style.float().cpu().numpy())
+    return np.concatenate(outs), np.concatenate(styles)
+
+
+def run_network(
+    net: nn.Module,
+    image: np.ndarray,
+    *,
+    rescale: float,
+    cfg: EvalConfig,
+    device: torch.device | str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tiled network pass on one normalised image (spec §7.1 steps 2-6).
+
+    Parameters
+    ----------
+    net : the network (``forward(x) -> (out [B, 3, h, w], style [B, S])``), on ``device``.
+        It runs in eval mode under ``torch.inference_mode``; its previous train/eval mode
+        is restored afterwards.
+    image : float32 [C, H, W], normalised, heatmap last.
+    rescale : resize factor r; the network sees ``(int(H·r), int(W·r))`` pixels.
+    cfg : tile size, overlap, batch size and ``resample``.
+    device : where the tiles are sent.
+
+    Returns
+    -------
+    flows : float32 [2, h, w] (dY, dX)
+    cellprob : float32 [h, w] logits
+    style : float32 [S], averaged over tiles and L2-normalised
+        ``(h, w) = (H, W)`` when ``cfg.resample`` (bilinear resize back, magnitudes not
+        rescaled), else the network's resolution ``(int(H·r), int(W·r))``.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"expected an image [C, H, W], got shape {image.shape}")
+    if not rescale > 0:
+        raise ValueError(f"rescale must be > 0, got {rescale}")
+    multiple = int(getattr(getattr(net, "config", None), "size_multiple", 1))
+    if cfg.tile_size % multiple:
+        raise ValueError(f"tile_size {cfg.tile_size} is not a multiple of {multiple}")
+    height, width = image.shape[1:]
+    if rescale != 1.0:
+        shape = (max(1, int(height * rescale)), max(1, int(width * rescale)))
+        image = resize_image(image, shape, "linear")
+    padded, crop = pad_to_multiple(image, _PAD_MULTIPLE, _PAD_EXTRA)
+    tiles, starts = make_tiles(padded, cfg.tile_size, cfg.tile_overlap)
+    was_training = net.training
+    net.eval()
+    try:
+        outputs, styles = _forward_tiles(net, tiles, cfg.batch_size, device)
+    finally:
+        net.train(was_training)
+    blended = blend_tiles(outputs, starts, padded.shape[1:], taper=True)[:, crop[0], crop[1]]
+    if cfg.resample and blended.shape[1:] != (height, width):
+        blended = resize_image(blended, (height, width), "linear")
+    style = styles.sum(axis=0)
+    style = style / max(float(np.sqrt(np.sum(style.astype(np.float64) ** 2))), 1e-20)
+    return (
+        np.ascontiguousarray(blended[:2], dtype=np.float32),
+        np.ascontiguousarray(blended[2], dtype=np.float32),
+        style.astype(np.float32),
+    )
+
+
+def prepare_input(crop_or_input: Crop | np.ndarray, cfg: EvalConfig) -> np.ndarray:
+    """Network input of a crop: [C, H, W] float32, normalised per ``cfg`` (heatmap last).
+
+    ``crop_or_input`` is a :class:`Crop` or an unnormalised [C, H, W] array as returned
+    by :func:`GeneSegNet.dataset.network_input`.
+    """
+    raw = network_input(crop_or_input) if isinstance(crop_or_input, Crop) else crop_or_input
+    raw = np.asarray(raw)
+    if raw.ndim != 3 or raw.shape[0] < 2:
+        raise ValueError(f"expected an input [C, H, W] with C >= 2 (heatmap last), got {raw.shape}")
+    if not cfg.normalize:
+        return raw.astype(np.float32)
+    return normalize_channels(
+        raw, heatmap_channel=-1, heatmap_mode=cfg.heatmap_mode, invert=cfg.invert
+    )
+
+
+def predict_crop(
+    net: nn.Module,
+    crop_or_input: Crop | np.ndarray,
+    cfg: EvalConfig,
+    *,
+    diam_mean: float,
+    diam_labels: float,
+    device: torch.device | str,
+) -> Prediction:
+    """Network pass and masks of one crop.
+
+    Parameters
+    ----------
+    net : loaded network on ``device`` (see :func:`run_network`).
+    crop_or_input : a :class:`Crop`, or an unnormalised [C, H, W] array (heatmap last).
+    cfg : evaluation settings.
+    diam_mean, diam_labels : the checkpoint's diameters in pixels (``meta`` of
+        :func:`GeneSegNet.checkpoint.load_checkpoint`).
+    device : device of the network pass and of flow following.
+
+    Returns
+    -------
+    Prediction, every array at the crop's size.
+    """
+    image = prepare_input(crop_or_input, cfg)
+    height, width = image.shape[1:]
+    rescale = rescale_factor(cfg, diam_mean=diam_mean, diam_labels=diam_labels)
+    flows, cellprob, style = run_network(net, image, rescale=rescale, cfg=cfg, device=device)
+    masks = compute_masks(
+        flows,
+        cellprob,
+        niter=cfg.niter,
+        confidence_threshold=cfg.confidence_threshold,
+        flow_threshold=cfg.flow_threshold,
+        min_size=cfg.min_size,
+        device=device,
+        y_only_movers=cfg.y_only_movers,
+    )
+    if flows.shape[1:] != (height, width):  # resample=False: back to the crop's size
+        masks = renumber(resize_image(masks, (height, width), "nearest"), order="first")
+        flows = resize_image(flows, (height, width), "linear")
+        cellprob = resize_image(cellprob, (height, width), "linear")
+    return Prediction(masks.astype(np.int32, copy=False), flows, cellprob, style)
+
+
+def predict_crops(
+    net: nn.Module,
+    crops: list[Crop],
+    cfg: EvalConfig,
+    *,
+    diam_mean: float,
+    diam_labels: float,
+    device: torch.device | str,
+    progress: bool = False,
+) -> list[Prediction]:
+    """:func:`predict_crop` for every crop, in order (crops may differ in size).
+
+    The network is used as given (never reloaded). Returns one :class:`Prediction` per
+    crop; for large test sets prefer a loop over :func:`predict_crop` that writes each
+    result and drops it, since flows are kept here.
+    """
+    rescale = rescale_factor(cfg, diam_mean=diam_mean, diam_labels=diam_labels)
+    logger.debug("predicting %d crops (resize factor %.4g, %s)", len(crops), rescale, cfg)
+    return [
+        predict_crop(net, crop, cfg, diam_mean=diam_mean, diam_labels=diam_labels, device=device)
+        for crop in tqdm(crops, desc="predict", disable=not progress)
+    ]

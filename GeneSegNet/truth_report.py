@@ -1,0 +1,74 @@
+"""Score segmentations against simulated truth (``<raw>/truth/`` from the simulator).
+
+For each sample: cells found, transcripts assigned to a cell, AP at IoU 0.5/0.75/0.9
+against the true cells, and transcript assignment accuracy against each transcript's
+true source cell.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from GeneSegNet.errors import InputError
+from GeneSegNet.io import LABEL_EXTENSIONS, index_by_sample, list_files, read_label
+from GeneSegNet.mapping import LABEL_PREFIXES, LABEL_SUFFIXES
+from GeneSegNet.metrics import match, threshold_key, transcript_assignment_accuracy
+
+logger = logging.getLogger(__name__)
+
+TRUTH_CELLS_SUFFIX = "_cells"
+TRUTH_SPOTS_SUFFIX = "_spots.csv"
+
+
+def score_sample(pred: np.ndarray, true_cells: np.ndarray, truth_spots: pd.DataFrame
+                 ) -> dict[str, float | int | str]:
+    """Scores of one predicted label image against the truth of its sample."""
+    if pred.shape != true_cells.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from truth {true_cells.shape}")
+    result = match(true_cells, pred)
+    xy = truth_spots[["spotX", "spotY"]].to_numpy(np.float64)
+    assignment = transcript_assignment_accuracy(
+        truth_spots["cell_id"].to_numpy(np.int64), pred, true_cells, xy)
+    rows = np.floor(xy[:, 1]).astype(np.int64).clip(0, pred.shape[0] - 1)
+    cols = np.floor(xy[:, 0]).astype(np.int64).clip(0, pred.shape[1] - 1)
+    scores: dict[str, float | int | str] = {
+        "true_cells": result.n_true,
+        "cells_found": result.n_pred,
+        "transcripts": len(truth_spots),
+        "transcripts_in_cells": int((pred[rows, cols] > 0).sum()),
+    }
+    for t in result.thresholds:
+        scores[threshold_key("AP", t)] = float(result.ap[t])
+    scores["assignment_accuracy"] = float(assignment["accuracy"])
+    return scores
+
+
+def score_folder(label_dir: str | Path, truth_dir: str | Path) -> pd.DataFrame:
+    """Score every label image of ``label_dir`` whose sample has truth in ``truth_dir``.
+
+    Label files pair with ``<truth_dir>/<name>_cells.png`` and ``<name>_spots.csv`` by
+    sample name (``label_<name>.png`` from inference included). Returns one row per
+    sample plus a final "mean" row.
+    """
+    truth_dir = Path(truth_dir)
+    labels = index_by_sample(list_files(label_dir, LABEL_EXTENSIONS), LABEL_PREFIXES,
+                             LABEL_SUFFIXES)
+    rows = []
+    for name, path in sorted(labels.items()):
+        cells_path = truth_dir / f"{name}{TRUTH_CELLS_SUFFIX}.png"
+        spots_path = truth_dir / f"{name}{TRUTH_SPOTS_SUFFIX}"
+        if not cells_path.is_file() or not spots_path.is_file():
+            logger.warning("%s: no truth for sample %r in %s; skipped", path, name, truth_dir)
+            continue
+        scores = score_sample(read_label(path).astype(np.int64),
+                              read_label(cells_path).astype(np.int64), pd.read_csv(spots_path))
+        rows.append({"sample": name, **scores})
+    if not rows:
+        raise InputError("no label image has matching truth files", label_dir)
+    table = pd.DataFrame(rows)
+    mean = table.drop(columns="sample").mean(numeric_only=True).to_dict()
+    return pd.concat([table, pd.DataFrame([{"sample": "mean", **mean}])], ignore_index=True)
