@@ -157,7 +157,6 @@ def map_dataset(label_dir: str | Path, spot_dir: str | Path, save_dir: str | Pat
     from GeneSegNet.io import (
         LABEL_EXTENSIONS,
         SPOT_EXTENSIONS,
-        atomic_path,
         index_by_sample,
         list_files,
         pair_samples,
@@ -178,18 +177,34 @@ def map_dataset(label_dir: str | Path, spot_dir: str | Path, save_dir: str | Pat
     for name, paths in tqdm(pairs, desc="samples", disable=not progress):
         labels = read_label(paths["labels"])
         spots = read_spots(paths["spots"], scale=spot_scale, strict=False)
-        result = map_transcripts(labels, spots, out_of_bounds)
-        if result.n_invalid or result.n_out_of_bounds:
-            logger.warning("%s: %d spot(s) outside the image and %d with invalid coordinates "
-                           "were %s", paths["spots"], result.n_out_of_bounds, result.n_invalid,
-                           "dropped" if out_of_bounds == "drop" else "given cell id 0")
-        out = save_dir / f"{name}.csv"
-        with atomic_path(out) as tmp:
-            result.table.to_csv(tmp, index=False, float_format="%.10g")
-        assigned = result.table["cell_id"].to_numpy()
-        counts = cell_by_gene_counts(labels, assigned, result.table["gene"].to_numpy())
-        with atomic_path(save_dir / f"{name}_cell_by_gene.csv") as tmp:
-            counts.to_csv(tmp)
-        logger.info("%s: %s -> %s", name, result.summary(), out)
-        results.append((out, result))
+        result = write_mapping(save_dir, name, labels, spots, out_of_bounds, source=paths["spots"])
+        results.append((save_dir / f"{name}.csv", result))
     return results
+
+
+def write_mapping(folder: str | Path, name: str, labels: np.ndarray, spots: pd.DataFrame,
+                  out_of_bounds: str = "background", source: str | Path | None = None
+                  ) -> MappingResult:
+    """Map ``spots`` onto ``labels`` and write ``<folder>/<name>.csv`` (cell_id, spotX,
+    spotY, gene) and ``<folder>/<name>_cell_by_gene.csv``, each atomically.
+
+    Spots outside the image or with invalid coordinates are reported as a warning that
+    names ``source`` (the spot file) when given.
+    """
+    from GeneSegNet.io import atomic_path
+
+    folder = Path(folder)
+    result = map_transcripts(labels, spots, out_of_bounds)
+    if result.n_invalid or result.n_out_of_bounds:
+        logger.warning("%s: %d spot(s) outside the image and %d with invalid coordinates were "
+                       "%s", source or name, result.n_out_of_bounds, result.n_invalid,
+                       "dropped" if out_of_bounds == "drop" else "given cell id 0")
+    out = folder / f"{name}.csv"
+    with atomic_path(out) as tmp:
+        result.table.to_csv(tmp, index=False, float_format="%.10g")
+    counts = cell_by_gene_counts(labels, result.table["cell_id"].to_numpy(),
+                                 result.table["gene"].to_numpy())
+    with atomic_path(folder / f"{name}_cell_by_gene.csv") as tmp:
+        counts.to_csv(tmp)
+    logger.info("%s: %s -> %s", name, result.summary(), out)
+    return result

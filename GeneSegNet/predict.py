@@ -126,7 +126,7 @@ def rescale_factor(cfg: EvalConfig, *, diam_mean: float, diam_labels: float) -> 
     return float(diam_mean) / float(diameter)
 
 
-def _forward_tiles(
+def forward_tiles(
     net: nn.Module, tiles: np.ndarray, batch_size: int, device: torch.device | str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run tiles [n, C, th, tw] in batches; return outputs [n, K, th, tw] and styles [n, S]."""
@@ -185,7 +185,7 @@ def run_network(
     was_training = net.training
     net.eval()
     try:
-        outputs, styles = _forward_tiles(net, tiles, cfg.batch_size, device)
+        outputs, styles = forward_tiles(net, tiles, cfg.batch_size, device)
     finally:
         net.train(was_training)
     blended = blend_tiles(outputs, starts, padded.shape[1:], taper=True)[:, crop[0], crop[1]]

@@ -233,7 +233,8 @@ def write_label(path: str | Path, labels: np.ndarray) -> Path:
         elif suffix == ".mat":
             from scipy.io import savemat
 
-            savemat(tmp, {MAT_LABEL_KEY: data}, do_compression=True)
+            # scipy compresses in memory (several times the array's size): only small ones.
+            savemat(tmp, {MAT_LABEL_KEY: data}, do_compression=data.nbytes < 2**26)
         elif suffix == ".npy":
             np.save(tmp, data)
         else:

@@ -1,0 +1,201 @@
+"""Segment whole images (any size) with a trained GeneSegNet model by sliding windows.
+
+For each image of <root_dir>/images/ and its spot table in <root_dir>/spots/ (paired by
+sample name; an image without spots runs on the image alone) writes to <save_dir>:
+label_<name>.png (.tif above 65,535 cells), label_<name>.mat (key CellMap),
+label_plt_<name>.jpg and HeatMap/<name>_gaumap.tif; with --mapping also
+mapping/<name>.csv and mapping/<name>_cell_by_gene.csv. By default the windows see one
+image-wide heatmap and normalisation and are blended with tapered weights (no seams);
+--window_local restores upstream's per-window behaviour.
+
+Example:
+    python -m Inference.slidingwindows_gradient --root_dir raw --save_dir results \\
+        --model_file model.pt --mapping
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from GeneSegNet.cli import add_device_args, add_verbose_arg, run_reporting_errors
+from GeneSegNet.log import setup_logging
+
+logger = logging.getLogger("GeneSegNet.slidingwindows")
+
+LOG_NAME = "slidingwindows_gradient.log"
+CONFIG_NAME = "slidingwindows_gradient_config.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--root_dir",
+        type=Path,
+        required=True,
+        help="folder with images/ and spots/ (labels/ is not needed)",
+    )
+    parser.add_argument("--save_dir", type=Path, required=True, help="output folder")
+    parser.add_argument("--model_file", type=Path, required=True, help="trained checkpoint")
+    win = parser.add_argument_group("windows")
+    win.add_argument("--sigma", type=float, default=7.0, help="heatmap Gaussian sigma (px)")
+    win.add_argument("--window", type=int, default=256, help="window edge (px)")
+    win.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help="window overlap (px); default twice the cell diameter (--window_local: upstream's 16)",
+    )
+    win.add_argument(
+        "--batch_size", type=int, default=None, help="windows per forward pass (default 8)"
+    )
+    win.add_argument(
+        "--window_local",
+        action="store_true",
+        help="upstream behaviour: heatmap from each window's own spots, "
+        "per-window normalisation, plain average over a 16-px overlap",
+    )
+    win.add_argument(
+        "--canvas_dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="storage of the blended flows and probabilities",
+    )
+    win.add_argument(
+        "--heatmap_norm",
+        choices=("fixed", "percentile"),
+        default=None,
+        help="heatmap scaling (default: the model's training setting, else fixed)",
+    )
+    win.add_argument(
+        "--spot_scale",
+        type=float,
+        default=1.0,
+        help="pixels per spot-coordinate unit (e.g. 4.706 for Xenium microns)",
+    )
+    masks = parser.add_argument_group("masks")
+    masks.add_argument(
+        "--diameter",
+        type=float,
+        default=None,
+        help="cell diameter (px); 0 = the model's (default 32)",
+    )
+    masks.add_argument("--flow_threshold", type=float, default=None, help="(default 0.4)")
+    masks.add_argument(
+        "--confidence_threshold",
+        type=float,
+        default=None,
+        help="cell-probability logit threshold (default 0.0)",
+    )
+    masks.add_argument("--min_size", type=int, default=None, help="min cell area px (default 15)")
+    masks.add_argument("--niter", type=int, default=None, help="flow steps (default 200)")
+    masks.add_argument(
+        "--block_size",
+        type=int,
+        default=2048,
+        help="masks are reconstructed in blocks of this edge (px)",
+    )
+    masks.add_argument(
+        "--block_halo",
+        type=int,
+        default=None,
+        help="context around each block (px); default twice the cell diameter",
+    )
+    masks.add_argument(
+        "--upstream_opening",
+        action="store_true",
+        help="apply upstream's grey-level 5x5 opening to the label image",
+    )
+    out = parser.add_argument_group("outputs")
+    out.add_argument(
+        "--mapping",
+        action="store_true",
+        help="also assign transcripts to cells (mapping/<name>.csv and "
+        "mapping/<name>_cell_by_gene.csv)",
+    )
+    out.add_argument(
+        "--out_of_bounds",
+        choices=("background", "drop"),
+        default="background",
+        help="mapping of spots outside the image",
+    )
+    out.add_argument("--no_heatmap", action="store_true", help="do not write the heatmap")
+    add_device_args(parser)
+    add_verbose_arg(parser)
+    return parser
+
+
+def _run_config(args: argparse.Namespace, meta: dict):
+    from GeneSegNet.errors import InputError
+    from GeneSegNet.predict import EvalConfig
+    from GeneSegNet.slide_pipeline import SlideRunConfig
+    from GeneSegNet.slide_plan import SlideConfig
+
+    heatmap_mode = args.heatmap_norm or (meta.get("train_config") or {}).get("heatmap_mode")
+    given = {
+        "diameter": args.diameter,
+        "batch_size": args.batch_size,
+        "flow_threshold": args.flow_threshold,
+        "niter": args.niter,
+        "confidence_threshold": args.confidence_threshold,
+        "min_size": args.min_size,
+        "heatmap_mode": heatmap_mode,
+    }
+    try:
+        evaluation = EvalConfig(**{k: v for k, v in given.items() if v is not None})
+        slide = SlideConfig(
+            window=args.window,
+            overlap=args.overlap,
+            sigma=args.sigma,
+            window_local=args.window_local,
+            canvas_dtype=args.canvas_dtype,
+            evaluation=evaluation,
+        )
+    except ValueError as exc:
+        raise InputError(f"bad settings: {exc}") from None
+    return SlideRunConfig(
+        slide=slide,
+        block_size=args.block_size,
+        halo=args.block_halo,
+        spot_scale=args.spot_scale,
+        mapping=args.mapping,
+        out_of_bounds=args.out_of_bounds,
+        write_heatmap=not args.no_heatmap,
+        upstream_opening=args.upstream_opening,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from GeneSegNet.checkpoint import load_checkpoint
+    from GeneSegNet.device import get_device
+    from GeneSegNet.errors import InputError
+    from GeneSegNet.slide_io import check_output_dir, discover_slides
+    from GeneSegNet.slide_pipeline import run_slides
+
+    # Every check runs before the first long step (run_slides reads all inputs first).
+    try:
+        device = get_device(args.use_gpu, args.gpu_device)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    net, meta = load_checkpoint(args.model_file, device)
+    samples = discover_slides(args.root_dir)
+    save_dir = check_output_dir(args.save_dir)
+    setup_logging(args.verbose, log_file=save_dir / LOG_NAME)
+    cfg = _run_config(args, meta)
+    logger.info("model %s on %s: %d image(s); %s", args.model_file, device, len(samples), cfg)
+    run_slides(net, meta, samples, save_dir, cfg, device=device, config_path=save_dir / CONFIG_NAME)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run_reporting_errors(lambda: _run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
