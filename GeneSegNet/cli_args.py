@@ -161,7 +161,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "--batch_size",
         type=int,
         default=None,
-        help="tiles per forward pass at evaluation (default 8)",
+        help="batch size: tiles per forward pass at evaluation (default 8); in training "
+        "also the training batch, as upstream",
     )
     group.add_argument(
         "--tile_overlap",

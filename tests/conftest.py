@@ -17,10 +17,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    """Keep torch from oversubscribing the small CI machine."""
+def _one_thread():
+    """One torch thread: the tests' tiny tensors gain nothing from more, and torch's thread
+    pool slows down many times over when another process holds a core."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, previous))
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
 
