@@ -166,7 +166,7 @@ def map_dataset(label_dir: str | Path, spot_dir: str | Path, save_dir: str | Pat
 
     groups = {
         "labels": index_by_sample(list_files(label_dir, LABEL_EXTENSIONS), LABEL_PREFIXES,
-                                  LABEL_SUFFIXES),
+                                  LABEL_SUFFIXES, prefer=LABEL_EXTENSIONS),
         "spots": index_by_sample(list_files(spot_dir, SPOT_EXTENSIONS), (), SPOT_SUFFIXES),
     }
     if not groups["spots"]:

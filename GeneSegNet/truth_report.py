@@ -56,7 +56,7 @@ def score_folder(label_dir: str | Path, truth_dir: str | Path) -> pd.DataFrame:
     """
     truth_dir = Path(truth_dir)
     labels = index_by_sample(list_files(label_dir, LABEL_EXTENSIONS), LABEL_PREFIXES,
-                             LABEL_SUFFIXES)
+                             LABEL_SUFFIXES, prefer=LABEL_EXTENSIONS)
     rows = []
     for name, path in sorted(labels.items()):
         cells_path = truth_dir / f"{name}{TRUTH_CELLS_SUFFIX}.png"

@@ -174,6 +174,14 @@ def test_sample_names_and_pairing(tmp_path):
     assert [(n, p["spots"].name) for n, p in pairs] == [("s10", "s10.csv"), ("s2", "s2.csv")]
     with pytest.raises(InputError, match=r"s3\.png has no matching file in spots"):
         pair_samples({"images": index_by_sample([tmp_path / "s3.png"]), "spots": spots})
+    # The same label in two formats (inference writes .png and .mat): the preferred wins.
+    both = [tmp_path / "label_s1.mat", tmp_path / "label_s1.png"]
+    assert index_by_sample(both, ("label_",), prefer=(".png", ".mat"))["s1"].suffix == ".png"
+    with pytest.raises(InputError, match="share the sample name 's1'"):
+        index_by_sample(both, ("label_",))
+    with pytest.raises(InputError, match="share the sample name"):
+        index_by_sample([tmp_path / "a.png", tmp_path / "a_label.png"], (), ("_label",),
+                        prefer=(".png",))
 
 
 def test_staged_directory_is_all_or_nothing(tmp_path):

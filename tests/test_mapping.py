@@ -80,6 +80,7 @@ def test_script_pairs_inference_labels_and_writes_outputs(tmp_path, rng):
     (tmp_path / "labels").mkdir()
     (tmp_path / "spots").mkdir()
     write_label(tmp_path / "labels" / "label_s1.png", labels)
+    write_label(tmp_path / "labels" / "label_s1.mat", labels)  # as inference writes both
     savemat(tmp_path / "labels" / "s2.mat", {"CellMap": labels.astype(np.uint16)})
     for name in ("s1", "s2"):
         pd.DataFrame({"spotX": [1.5, 20.25, -3.0], "spotY": [2.0, 30.0, 1.0],

@@ -55,18 +55,26 @@ def list_files(folder: str | Path, extensions: Iterable[str]) -> list[Path]:
     )
 
 
-def index_by_sample(
-    files: Iterable[Path], prefixes: Sequence[str] = (), suffixes: Sequence[str] = ()
-) -> dict[str, Path]:
-    """Map sample name -> file; two files with the same sample name are an error."""
+def index_by_sample(files: Iterable[Path], prefixes: Sequence[str] = (),
+                    suffixes: Sequence[str] = (), prefer: Sequence[str] = ()) -> dict[str, Path]:
+    """Map sample name -> file.
+
+    Two files with the same sample name are an error, unless both extensions appear in
+    ``prefer`` (for example the same label saved as ``.png`` and ``.mat`` by inference):
+    then the file whose extension comes first in ``prefer`` is used.
+    """
+    rank = {ext.lower(): i for i, ext in enumerate(prefer)}
     index: dict[str, Path] = {}
     for path in files:
         name = sample_name(path, prefixes, suffixes)
         if name in index:
-            raise InputError(
-                f"two files share the sample name {name!r}: {index[name].name} and {path.name}",
-                path.parent,
-            )
+            old, new = rank.get(index[name].suffix.lower()), rank.get(path.suffix.lower())
+            if old is None or new is None or old == new:
+                raise InputError(f"two files share the sample name {name!r}: "
+                                 f"{index[name].name} and {path.name}", path.parent)
+            if new < old:
+                index[name] = path
+            continue
         index[name] = path
     return index
 
