@@ -35,9 +35,3 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--use_gpu", action="store_true", help="run on CUDA when available")
     group.add_argument("--gpu_device", type=int, default=0, help="CUDA device index")
 
-
-def fraction_triple(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"fractions must be non-negative, got {text}")
-    return value
