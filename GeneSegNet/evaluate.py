@@ -21,9 +21,7 @@ and the means in ``metrics_summary.json`` / ``metrics_summary.csv``.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from GeneSegNet.dataset import sample_folders as list_sample_folders
 from GeneSegNet.errors import InputError
 from GeneSegNet.figures import comparison_figure, draw_outlines, flow_rgb
 from GeneSegNet.io import atomic_path, write_image, write_label
+from GeneSegNet.io.records import write_json
 from GeneSegNet.masks import outlines_list, remove_edge_masks, size_shape_filter
 from GeneSegNet.metrics import (
     DEFAULT_THRESHOLDS,
@@ -230,20 +229,6 @@ def summarise(
     return out
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def write_metrics(
     metrics_dir: Path,
     rows: list[dict[str, Any]],
@@ -261,7 +246,7 @@ def write_metrics(
     ]
     with atomic_path(paths[0]) as tmp:
         pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
-    _write_text(paths[1], json.dumps(_json_safe(summary), indent=2) + "\n")
+    write_json(paths[1], summary)
     flat = {k: v for k, v in summary.items() if not isinstance(v, dict | list)}
     flat.update({k: v for k, v in summary["upstream_comparison"].items() if k != "note"})
     with atomic_path(paths[2]) as tmp:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -49,7 +48,8 @@ from GeneSegNet.dataset import Crop, label_folder_for_round, load_dataset, sampl
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluate import OutputOptions, evaluate_dataset
 from GeneSegNet.flow_targets import FlowTargetCache
-from GeneSegNet.io import atomic_path, staged_directory, write_label
+from GeneSegNet.io import staged_directory, write_label
+from GeneSegNet.io.records import write_json
 from GeneSegNet.masks import fill_holes_and_remove_small_masks, renumber
 from GeneSegNet.net import NetConfig
 from GeneSegNet.predict import EvalConfig, predict_crop
@@ -139,27 +139,6 @@ def postprocess_pseudo_labels(
     out = refine_labels(out, round_index, method=method, device=device)
     out = fill_holes_and_remove_small_masks(out, min_size=min_size)
     return renumber(out, order="first")
-
-
-def _json_ready(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_ready(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` as indented JSON atomically (paths as str, NaN as null)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_json_ready(data), indent=2) + "\n", encoding="utf-8")
-    return path
 
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:

@@ -197,3 +197,16 @@ def test_staged_directory_is_all_or_nothing(tmp_path):
     with pytest.raises(FileExistsError):
         with staged_directory(final):
             pass
+
+
+def test_json_records_are_plain_json(tmp_path):
+    import json
+    from pathlib import Path
+
+    from GeneSegNet.io.records import json_ready, write_json
+
+    data = {1: np.float32(2.5), "path": Path("a/b"), "nan": float("nan"), "pair": (1, np.int64(2))}
+    assert json_ready(data) == {"1": 2.5, "path": "a/b", "nan": None, "pair": [1, 2]}
+    path = write_json(tmp_path / "r.json", data)
+    assert json.loads(path.read_text()) == {"1": 2.5, "path": "a/b", "nan": None, "pair": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
