@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_time  # noqa: E402
 
 from GeneSegNet.flow_targets import STENCIL, cell_geometry, masks_to_flows
 
@@ -73,15 +76,6 @@ def per_cell_flows(masks: np.ndarray) -> np.ndarray:
     return flows
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--crops", type=int, default=3, help="number of random crops")
@@ -104,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         n_iter = cell_geometry(masks)[2]
         ours = masks_to_flows(masks, device=args.device)  # warm-up and agreement check
         ref = per_cell_flows(masks)
-        t_ours = median_time(lambda m=masks: masks_to_flows(m, device=args.device), args.repeats)
-        t_ref = median_time(lambda m=masks: per_cell_flows(m), args.ref_repeats)
+        t_ours = median_time(
+            lambda m=masks: masks_to_flows(m, device=args.device), args.repeats, warmup=False
+        )
+        t_ref = median_time(lambda m=masks: per_cell_flows(m), args.ref_repeats, warmup=False)
         ours_t.append(t_ours)
         ref_t.append(t_ref)
         print(

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_time  # noqa: E402
 
 from GeneSegNet.refine import refine_labels, refine_labels_levelset
 
@@ -57,15 +61,6 @@ class _CountHandler(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="image height (px)")
@@ -94,12 +89,14 @@ def main() -> None:
     log.removeHandler(handler)
     print("fast method, per pass:", "; ".join(handler.messages))
 
-    t_fast = _median_time(
-        lambda: refine_labels(mask, args.round_index, method="fast"), args.repeats
+    t_fast = median_time(
+        lambda: refine_labels(mask, args.round_index, method="fast"), args.repeats, warmup=False
     )
     rule = refine_labels(mask, args.round_index, method="morphology")
-    t_rule = _median_time(
-        lambda: refine_labels(mask, args.round_index, method="morphology"), 20 * args.repeats
+    t_rule = median_time(
+        lambda: refine_labels(mask, args.round_index, method="morphology"),
+        20 * args.repeats,
+        warmup=False,
     )
     start = time.perf_counter()
     literal = refine_labels_levelset(mask, args.round_index)

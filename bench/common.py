@@ -20,9 +20,11 @@ def single_thread() -> str:
     return "threads: torch 1, OpenCV 1, BLAS 1 (single core)"
 
 
-def median_time(fn: Callable[[], object], repeats: int = 5) -> float:
-    """Median wall time in seconds of ``repeats`` calls (after one warm-up call)."""
-    fn()
+def median_time(fn: Callable[[], object], repeats: int = 5, warmup: bool = True) -> float:
+    """Median wall time in seconds of ``repeats`` calls (after one warm-up call unless
+    ``warmup`` is false, for calls too slow to repeat)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -7,7 +7,6 @@ import logging
 import cv2
 import numpy as np
 import pytest
-import torch
 from scipy import ndimage
 
 from GeneSegNet.blockwise import (
@@ -20,15 +19,6 @@ from GeneSegNet.flow_targets import masks_to_flows
 from GeneSegNet.masks import renumber
 from GeneSegNet.metrics import match
 from GeneSegNet.reconstruct import compute_masks
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small torch ops: one thread avoids OpenMP contention on a loaded machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tissue(

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 import GeneSeg_train
 from GeneSegNet.checkpoint import save_checkpoint
@@ -15,14 +14,6 @@ from GeneSegNet.net import GeneSegUNet, NetConfig
 from tests.test_recursive import tree_digest, write_dataset
 
 TINY = ["--nbase", "8", "16", "16", "--n_epochs", "2", "--diam_mean", "20", "--diameter", "0"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,6 @@ from tests.test_blockwise import network_like
 SHAPE = (200, 300)  # shorter than one 256-px window: exercises the padding
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def data(tmp_path):
     raw = write_simulated_dataset(

@@ -27,15 +27,6 @@ TRAIN = TrainConfig(n_epochs=6, batch_size=2, tile=64, learning_rate=0.01, min_t
 EVAL = EvalConfig(tile_size=64, diameter=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run far faster on one thread, above all on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def write_dataset(root: Path, samples: dict[str, int], seed: int) -> None:
     """Sample folders of 64x64 crops with 2-3 disk cells, heatmaps and spot tables."""
     rng = np.random.default_rng(seed)

@@ -19,15 +19,6 @@ from GeneSegNet.refine import RuleDomain, refine_labels, refine_labels_levelset
 SQUARE = np.ones((3, 3), dtype=bool)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The level set is thousands of tiny ops; extra threads only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def rule_reference(mask: np.ndarray, passes: int = 2) -> np.ndarray:
     """§6.2 rule: per pass, ids ascending, R_c = dilate(open([m == c])) over background."""
     m = mask.copy()

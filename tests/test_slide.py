@@ -24,14 +24,6 @@ from tests.test_blockwise import masks_cut_along, network_like, tissue
 NO_RESIZE = EvalConfig(diameter=34.0)  # diam_mean 34 / diameter 34: windows are not resized
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class EchoNet(nn.Module):
     """Stand-in network whose outputs are its inputs: (image, image, heatmap)."""
 

@@ -21,16 +21,6 @@ from GeneSegNet.train import (
     train_network,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run far faster on one thread, above all on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TINY = NetConfig(nbase=(8, 16, 16), diam_mean=15.0)
 
 
