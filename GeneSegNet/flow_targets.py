@@ -16,7 +16,9 @@ reproduced. For a label image with cells 1..K:
    raw neighbours, so a touching cell's ``T`` leaks into boundary gradients (as upstream);
 6. ``(dY, dX) /= 1e-20 + |(dY, dX)|`` inside cells, 0 on background.
 
-The diffusion runs on all cells at once over the bounding box of the labelled region.
+On the CPU a compiled kernel diffuses each cell inside its own bounding box; on CUDA
+torch diffuses all cells at once over the bounding box of the labelled region. Both add
+the same terms in the same order.
 
 Targets are cached by label *content* (a blake2b hash of bytes, shape and dtype), so an
 edited label is never served a stale target (spec 12 item 16).
@@ -30,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from tqdm import tqdm
 
+from GeneSegNet import cpu_kernels
 from GeneSegNet.device import as_device
 from GeneSegNet.io.atomic import atomic_path
 from GeneSegNet.masks import renumber
@@ -69,15 +73,42 @@ def _check_labels(masks: np.ndarray) -> np.ndarray:
     return masks
 
 
-def _group_median(sorted_values: np.ndarray, starts: np.ndarray, counts: np.ndarray):
-    """Median of each group of a group-wise sorted array (mean of the middle pair if even)."""
-    lo = sorted_values[starts + (counts - 1) // 2].astype(np.float64)
-    hi = sorted_values[starts + counts // 2].astype(np.float64)
-    return (lo + hi) / 2.0
+def _compact_labels(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct non-zero ids ``[K]`` (ascending, dtype of ``masks``) and the label image
+    with them replaced by 1..K (int32 ``[H,W]``, 0 stays background)."""
+    flat = masks.ravel()
+    if masks.dtype == np.bool_:
+        flat = flat.view(np.uint8)
+    top = int(flat.max()) if flat.size else 0
+    if top <= 4 * flat.size + 1024:
+        present = np.flatnonzero(np.bincount(flat, minlength=top + 1))
+        ids = present[present > 0]
+        lut = np.zeros(top + 1, np.int32)
+        lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+        return ids.astype(masks.dtype), lut[masks.view(flat.dtype)]
+    # Sparse huge ids: sort instead of a lookup table.
+    values, inverse = np.unique(flat, return_inverse=True)
+    compact = inverse.reshape(masks.shape).astype(np.int32) + (0 if values[0] == 0 else 1)
+    return values[values > 0], compact
+
+
+def _geometry(compact: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Boxes ``[K,4]`` (row0, row1, col0, col1), centers ``[K,2]`` and ``n_iter`` of a
+    label image with ids 1..K (see `cell_geometry`)."""
+    boxes = np.array(
+        [(box[0].start, box[0].stop, box[1].start, box[1].stop)
+         for box in ndimage.find_objects(compact)],
+        dtype=np.int64,
+    ).reshape(-1, 4)
+    if boxes.shape[0] == 0:
+        return boxes, np.zeros((0, 2), np.int64), 0
+    centers = cpu_kernels.cell_centers(compact, boxes)
+    extents = (boxes[:, 1] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 2])
+    return boxes, centers, int(2 * (extents + 2).max())
 
 
 def cell_geometry(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Centers and diffusion length of every cell, vectorised over cells.
+    """Centers and diffusion length of every cell.
 
     Parameters
     ----------
@@ -86,31 +117,13 @@ def cell_geometry(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     Returns
     -------
     ids : [K] the distinct non-zero ids, ascending (dtype of ``masks``).
-    centers : int64 [K,2] (y, x) of each cell's center pixel (spec 4.1).
+    centers : int64 [K,2] (y, x) of each cell's center pixel: the cell pixel nearest to
+        (median y, median x) of its pixels, first in raster order on ties (spec 4.1).
     n_iter : int, ``2 * max_k (h_k + w_k + 2)``; 0 when there are no cells.
     """
     masks = _check_labels(masks)
-    ys, xs = np.nonzero(masks)  # raster order
-    if ys.size == 0:
-        return np.zeros(0, masks.dtype), np.zeros((0, 2), np.int64), 0
-    ids, group = np.unique(masks[ys, xs], return_inverse=True)
-    order = np.argsort(group, kind="stable")  # group cells, raster order within a cell
-    group, ys, xs = group[order], ys[order], xs[order]
-    counts = np.bincount(group, minlength=ids.size)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    # ys is ascending within each group (raster order); xs needs its own sort.
-    xs_sorted = xs[np.lexsort((xs, group))]
-    ymed = _group_median(ys, starts, counts)
-    xmed = _group_median(xs_sorted, starts, counts)
-    dist = (ys - ymed[group]) ** 2 + (xs - xmed[group]) ** 2
-    is_min = dist == np.minimum.reduceat(dist, starts)[group]
-    candidates = np.flatnonzero(is_min)
-    _, first = np.unique(group[candidates], return_index=True)
-    pick = candidates[first]
-    centers = np.stack([ys[pick], xs[pick]], axis=1).astype(np.int64)
-    height = ys[starts + counts - 1] - ys[starts] + 1
-    width = np.maximum.reduceat(xs, starts) - np.minimum.reduceat(xs, starts) + 1
-    n_iter = int(2 * (height + width + 2).max())
+    ids, compact = _compact_labels(masks)
+    _, centers, n_iter = _geometry(compact)
     return ids, centers, n_iter
 
 
@@ -143,11 +156,53 @@ def _diffuse(lab: torch.Tensor, centers: torch.Tensor, n_iter: int,
              dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Run the label-restricted 9-point diffusion; return ``ln(1 + T)`` [h,w] in ``dtype``.
 
-    ``lab`` is the padded label crop (int64 [h,w], zero outer ring); ``centers`` the flat
-    indices of the centers into it. The 9-point sum over same-label neighbours is done
-    as a masked row pass then a masked column pass (the same terms, each added once),
-    plus the few diagonal terms that pass cannot reach (`_diagonal_fixes`). All terms
-    are non-negative, so there is no cancellation.
+    ``lab`` is the padded label crop (int64 [h,w], ids 1..K, zero outer ring);
+    ``centers`` the flat indices of the centers into it. On the CPU a compiled kernel
+    diffuses one cell at a time (:func:`GeneSegNet.cpu_kernels.diffuse_cells`); elsewhere
+    torch sweeps the whole crop (:func:`_diffuse_torch`). Both add the same terms in the
+    same order, so they agree bit for bit.
+    """
+    if lab.device.type == "cpu":
+        field = torch.from_numpy(_diffuse_cpu(lab.numpy(), centers.numpy(), n_iter, dtype))
+    else:
+        field = _diffuse_torch(lab, centers, n_iter, dtype)
+    if dtype == torch.float64:
+        return torch.log(1.0 + field)  # upstream's rounding: symmetric values stay equal
+    return torch.log1p(field)  # in float32, 1 + T would lose the small T near cell edges
+
+
+_CELLS_PER_TASK = 64  # cells per work unit of the CPU diffusion
+
+
+def _diffuse_cpu(lab: np.ndarray, centers: np.ndarray, n_iter: int,
+                 dtype: torch.dtype) -> np.ndarray:
+    """``T`` [h,w] of the diffusion, per cell inside its bounding box, on CPU threads."""
+    boxes = np.array(
+        [(box[0].start - 1, box[0].stop + 1, box[1].start - 1, box[1].stop + 1)
+         for box in ndimage.find_objects(lab)],
+        dtype=np.int64,
+    ).reshape(-1, 4)
+    centers_2d = np.stack(np.divmod(centers, lab.shape[1]), axis=1).astype(np.int64)
+    field = np.zeros(lab.shape, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+
+    def work(start: int, stop: int) -> None:
+        # Ids are 1..K: cell start + i of this slice has id start + i + 1.
+        cpu_kernels.diffuse_cells(
+            lab, boxes[start:stop], centers_2d[start:stop], n_iter, field, start
+        )
+
+    cpu_kernels.run_in_threads(work, len(boxes), _CELLS_PER_TASK)
+    return field
+
+
+def _diffuse_torch(lab: torch.Tensor, centers: torch.Tensor, n_iter: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``T`` [h,w] of the diffusion, swept over the whole crop with torch ops.
+
+    The 9-point sum over same-label neighbours is done as a masked row pass then a
+    masked column pass (the same terms, each added once), plus the few diagonal terms
+    that pass cannot reach (`_diagonal_fixes`). All terms are non-negative, so there is
+    no cancellation.
     """
     h, w = lab.shape
     mid, inner = lab[:, 1:-1], lab[1:-1, 1:-1]
@@ -171,9 +226,7 @@ def _diffuse(lab: torch.Tensor, centers: torch.Tensor, n_iter: int,
         for p_idx, q_idx in fixes:
             acc_flat.index_add_(0, p_idx, flat[q_idx])
         torch.div(acc, 9.0, out=field[1:-1, 1:-1])
-    if dtype == torch.float64:
-        return torch.log(1.0 + field)  # upstream's rounding: symmetric values stay equal
-    return torch.log1p(field)  # in float32, 1 + T would lose the small T near cell edges
+    return field
 
 
 def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu",
@@ -197,15 +250,15 @@ def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu",
     masks = _check_labels(masks)
     height, width = masks.shape
     flows = np.zeros((2, height, width), np.float32)
-    ids, centers, n_iter = cell_geometry(masks)
+    ids, compact = _compact_labels(masks)
     if ids.size == 0:
         return flows
-    rows, cols = np.nonzero(masks.any(axis=1))[0], np.nonzero(masks.any(axis=0))[0]
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    # Compact ids 1..K in a padded crop of the labelled bounding box.
+    boxes, centers, n_iter = _geometry(compact)
+    y0, y1 = boxes[:, 0].min(), boxes[:, 1].max()
+    x0, x1 = boxes[:, 2].min(), boxes[:, 3].max()
+    # Ids 1..K in a padded crop of the labelled bounding box.
     crop = np.zeros((y1 - y0 + 2, x1 - x0 + 2), np.int64)
-    crop[1:-1, 1:-1] = np.searchsorted(ids, masks[y0:y1, x0:x1]) + 1
-    crop[1:-1, 1:-1][masks[y0:y1, x0:x1] == 0] = 0
+    crop[1:-1, 1:-1] = compact[y0:y1, x0:x1]
     dev = as_device(device)
     lab = torch.from_numpy(crop).to(dev)
     flat_centers = (centers[:, 0] - y0 + 1) * crop.shape[1] + (centers[:, 1] - x0 + 1)

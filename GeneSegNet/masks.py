@@ -14,6 +14,8 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 
+from GeneSegNet import cpu_kernels
+
 logger = logging.getLogger(__name__)
 
 # Equivalent-circle diameter from sqrt(area): d = sqrt(area) / (sqrt(pi) / 2).
@@ -79,7 +81,9 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
     fewer than ``min_size`` pixels is removed; otherwise ``binary_fill_holes`` is applied
     inside its bounding box and the filled pixels get the next new id, so a filled hole
     takes over whatever lay in it (as upstream, which works in place). ``min_size <= 0``
-    keeps every cell.
+    keeps every cell. Holes are the pixels of the box not 4-connected to its border
+    through non-cell pixels (``binary_fill_holes``' definition); the loop is compiled
+    (:func:`GeneSegNet.cpu_kernels.fill_holes_and_filter`).
 
     Parameters
     ----------
@@ -94,17 +98,14 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
         Labels 1..K, ordered like the surviving input ids.
     """
     out = _as_labels(masks).astype(np.int32, copy=True)
-    new_id = 0
-    for index, box in enumerate(ndimage.find_objects(out)):
-        if box is None:
-            continue
-        cell = out[box] == index + 1
-        if min_size > 0 and cell.sum() < min_size:
-            out[box][cell] = 0
-            continue
-        new_id += 1
-        # New ids never exceed the old id being visited, so no unvisited cell is hit.
-        out[box][ndimage.binary_fill_holes(cell)] = new_id
+    boxes = np.array(
+        [(0, 0, 0, 0) if box is None else (box[0].start, box[0].stop, box[1].start, box[1].stop)
+         for box in ndimage.find_objects(out)],
+        dtype=np.int64,
+    ).reshape(-1, 4)
+    # Compiled (cpu_kernels): new ids never exceed the old id being visited, so no
+    # unvisited cell is hit.
+    new_id = cpu_kernels.fill_holes_and_filter(out, boxes, int(min_size))
     # A cell swallowed by a later cell's hole filling leaves a gap in the numbering.
     if (np.bincount(out.ravel(), minlength=new_id + 1)[1:] == 0).any():
         out = renumber(out)

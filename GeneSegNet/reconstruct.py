@@ -10,8 +10,11 @@ cell-probability logit ``[H, W]``. :func:`compute_masks` turns them into a label
 4. :func:`remove_bad_flow_masks`: masks whose own flows disagree with ``dP`` are dropped;
 5. small masks are dropped and holes filled; labels are renumbered 1..K (int32).
 
-Flow following uses one implementation on every device (upstream's CPU-path semantics,
-written as explicit gathers, not ``grid_sample``), so CPU and CUDA agree.
+Flow following has one definition on every device (upstream's CPU-path semantics, as
+explicit gathers, not ``grid_sample``) with two executions of the same floating-point
+operations: a compiled kernel on the CPU (:mod:`GeneSegNet.cpu_kernels`) and vectorised
+torch on CUDA. Tests check the two bit for bit on the CPU, and torch on CPU against
+CUDA, so CPU and CUDA agree.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from GeneSegNet import cpu_kernels
 from GeneSegNet.device import as_device
 from GeneSegNet.flow_targets import masks_to_flows
 from GeneSegNet.masks import fill_holes_and_remove_small_masks, renumber
@@ -34,6 +38,7 @@ _GROW_MIN_COUNT = 2  # grown regions keep bins with more than this many end poin
 _MAX_MASK_FRACTION = 0.4  # masks larger than this fraction of the image are removed
 _CYCLE_CHECK_EVERY = 16  # flow following retires 1- and 2-cycles this often (exact)
 _FLOAT_INDEX_LIMIT = 2**24  # up to this many pixels, row * W + col is exact in float32
+_CPU_CHUNK = 16384  # moving pixels per CPU work unit
 
 
 def _bilinear_table(field: torch.Tensor) -> torch.Tensor:
@@ -174,8 +179,9 @@ def follow_flows(
     device : torch.device or str
         Where to compute.
     chunk_size : int or None
-        Pixels moved together (raster-order chunks). None: 65536 on CPU (the working set
-        stays in cache), all at once elsewhere. Does not change the result.
+        Pixels per work unit (raster-order chunks). None: 16384 on CPU, where chunks are
+        spread over ``torch.get_num_threads()`` threads; all at once on CUDA. Does not
+        change the result.
     y_only_movers : bool
         Test only the Y component when choosing the moving pixels (upstream's quirk);
         False (default) tests both.
@@ -197,6 +203,8 @@ def follow_flows(
     # A device tensor divisor: CUDA would turn division by a Python scalar into a
     # multiplication by its (inexact) reciprocal, unlike the CPU.
     field = dP * iscell / torch.full((), 5.0, device=device)
+    if not bool(torch.isfinite(field).all()):
+        raise ValueError("flows dP contain NaN or infinite values")
     moving = field[0].abs() > 1e-3
     if not y_only_movers:
         moving |= field[1].abs() > 1e-3
@@ -205,16 +213,47 @@ def follow_flows(
     if movers.shape[0] < 5:
         logger.debug("fewer than 5 moving pixels; nothing to follow")
         return final.cpu().numpy()
+    if device.type == "cpu":
+        final = final.numpy()
+        rows, cols = movers[:, 0].numpy(), movers[:, 1].numpy()
+        _follow_cpu(field.numpy(), rows, cols, niter, final, chunk_size or _CPU_CHUNK)
+        return final
+    _follow_torch(field, movers, niter, final, chunk_size or movers.shape[0])
+    return final.cpu().numpy()
+
+
+def _follow_cpu(
+    field: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    niter: int,
+    final: np.ndarray,
+    chunk_size: int,
+) -> None:
+    """Compiled flow following (:mod:`GeneSegNet.cpu_kernels`); writes into ``final``."""
+    table = cpu_kernels.bilinear_table(np.ascontiguousarray(field))
+    height, width = field.shape[1:]
+
+    def work(start: int, stop: int) -> None:
+        end_rows, end_cols = cpu_kernels.follow_positions(
+            table, height, width, rows[start:stop], cols[start:stop], niter
+        )
+        final[0, rows[start:stop], cols[start:stop]] = end_rows
+        final[1, rows[start:stop], cols[start:stop]] = end_cols
+
+    cpu_kernels.run_in_threads(work, len(rows), chunk_size)
+
+
+def _follow_torch(
+    field: torch.Tensor, movers: torch.Tensor, niter: int, final: torch.Tensor, chunk_size: int
+) -> None:
+    """Vectorised torch flow following (the CUDA path); writes into ``final`` [2, H, W]."""
     table = _bilinear_table(field)
-    if chunk_size is None:
-        chunk_size = 65536 if device.type == "cpu" else movers.shape[0]
+    shape = (field.shape[1], field.shape[2])
     for start in range(0, movers.shape[0], chunk_size):
         chunk = movers[start : start + chunk_size]
         start_position = chunk.T.to(torch.float32).contiguous()  # [2, n] (rows, cols)
-        final[:, chunk[:, 0], chunk[:, 1]] = _follow_chunk(
-            start_position, table, (height, width), niter
-        )
-    return final.cpu().numpy()
+        final[:, chunk[:, 0], chunk[:, 1]] = _follow_chunk(start_position, table, shape, niter)
 
 
 def _grow_seeds(counts: np.ndarray, seeds: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

@@ -7,9 +7,14 @@ a per-stage breakdown), and a direct per-pixel reference of the same algorithm (
 Python loop per moving pixel for flow following, upstream's duplicate-keeping lists for
 the clustering) on a central crop, extrapolated to a megapixel by the number of moving
 pixels. Our flow following and clustering also run on the crop, to check that both give
-the same answer. If CUDA is available, ``compute_masks`` is timed there too.
+the same answer. The vectorised torch code of the two heaviest stages (the CUDA
+implementation) is also timed on the CPU against the compiled kernels that replace it
+there. If CUDA is available, ``compute_masks`` is timed there too.
 
-Run: ``.venv/bin/python bench/bench_reconstruct.py [--size 1024] [--crop 128]``
+torch and the kernels' thread pool use ``torch.set_num_threads``: 1 for every figure,
+then ``compute_masks`` again for each extra count given with ``--threads``.
+
+Run: ``.venv/bin/python bench/bench_reconstruct.py [--size 1024] [--crop 128] [--threads 2]``
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from GeneSegNet import flow_targets, reconstruct
 from GeneSegNet.flow_targets import masks_to_flows
 from GeneSegNet.masks import fill_holes_and_remove_small_masks
 from GeneSegNet.reconstruct import (
@@ -32,7 +38,7 @@ from GeneSegNet.reconstruct import (
     remove_bad_flow_masks,
 )
 
-THREADS = 1
+THREADS = 1  # for every figure but the --threads ones
 
 
 def tissue_masks(size: int, spacing: float, rng: np.random.Generator) -> np.ndarray:
@@ -144,7 +150,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop", type=int, default=128, help="reference crop side")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ref-repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, nargs="*", default=[2], help="extra thread counts to time"
+    )
     return parser
+
+
+def time_torch_paths(dP: np.ndarray, masks: np.ndarray, repeats: int) -> None:
+    """Compiled CPU kernels against the vectorised torch code (CUDA's) run on the CPU."""
+    iscell = masks > 0
+    field = torch.as_tensor(dP, dtype=torch.float32) * torch.as_tensor(iscell) / torch.full(
+        (), 5.0
+    )
+    movers = torch.nonzero((field[0].abs() > 1e-3) | (field[1].abs() > 1e-3))
+    own = torch.as_tensor(reconstruct._own_coordinates(*iscell.shape))
+
+    def torch_follow() -> np.ndarray:
+        final = own.clone()
+        reconstruct._follow_torch(field, movers, 200, final, 65536)
+        return final.numpy()
+
+    t_wall, _, t_pos = timed(torch_follow, repeats)
+    k_wall, _, k_pos = timed(lambda: follow_flows(dP, iscell), repeats)
+    print(
+        f"follow_flows, torch-vectorised {t_wall:.2f} s vs compiled {k_wall:.2f} s: "
+        f"{t_wall / k_wall:.1f}x; identical: {np.array_equal(t_pos, k_pos)}"
+    )
+    lab = np.pad(flow_targets._compact_labels(masks)[1], 1).astype(np.int64)
+    _, centers, n_iter = flow_targets.cell_geometry(masks)
+    flat = (centers[:, 0] + 1) * lab.shape[1] + centers[:, 1] + 1
+    for dtype in (torch.float32, torch.float64):
+        t_wall, _, t_field = timed(
+            lambda dtype=dtype: flow_targets._diffuse_torch(
+                torch.from_numpy(lab), torch.from_numpy(flat), n_iter, dtype
+            ).numpy(),
+            repeats,
+        )
+        k_wall, _, k_field = timed(
+            lambda dtype=dtype: flow_targets._diffuse_cpu(lab, flat, n_iter, dtype), repeats
+        )
+        print(
+            f"diffusion ({n_iter} iterations, {str(dtype)[6:]}), torch sweep {t_wall:.2f} s vs "
+            f"compiled per cell {k_wall:.2f} s: {t_wall / k_wall:.1f}x; "
+            f"identical: {np.array_equal(t_field, k_field)}"
+        )
 
 
 def time_ours(dP, logits, megapixels, repeats, device="cpu"):
@@ -224,6 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio reference / ours, CPU time: follow_flows + get_masks {ref_per_mp / core:.0f}x; "
         f"whole compute_masks {ref_per_mp / whole:.0f}x"
     )
+    time_torch_paths(dP, masks, args.repeats)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        wall, _, _ = timed(lambda: compute_masks(dP, logits), args.repeats)
+        print(
+            f"torch.set_num_threads({threads}): compute_masks {wall / megapixels:.2f} s/MP wall "
+            f"(median of {args.repeats}); 1 thread above: {whole:.2f} s/MP CPU"
+        )
+    torch.set_num_threads(THREADS)
     if torch.cuda.is_available():
         compute_masks(dP, logits, device="cuda")  # warm-up
         _, _, pred_cuda = time_ours(dP, logits, megapixels, args.repeats, device="cuda")

@@ -239,6 +239,82 @@ def test_sparse_cells_far_apart_match_reference():
     assert_matches_reference(masks[:8, :10])
 
 
+# --- the compiled CPU diffusion against the torch sweep (the CUDA code) --------------------
+
+
+def padded_compact(masks: np.ndarray) -> np.ndarray:
+    """Ids 1..K (ascending original ids) with a 1 px zero ring, as masks_to_flows builds."""
+    _, compact = ft._compact_labels(masks)
+    return np.pad(compact, 1).astype(np.int64)
+
+
+def diffusion_scenes() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    staircase = np.zeros((12, 12), np.int32)
+    for i in range(10):
+        staircase[i, i : i + 2] = 1
+        staircase[i + 1, i] = 2
+    ring = disk((21, 21), (10, 10), 8, value=3)
+    ring[disk((21, 21), (10, 10), 3) > 0] = 0
+    ring[9:12, 9:12] = 8  # a cell inside the hole
+    return [
+        voronoi_cells((40, 37), 12, rng, max_dist=9),
+        rng.integers(0, 5, (17, 19)).astype(np.int32),  # fragments, diagonal contacts
+        staircase,
+        ring,
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_diffusion_equals_torch_sweep_bit_for_bit(dtype):
+    for masks in diffusion_scenes():
+        lab = padded_compact(masks)
+        _, centers, n_iter = ft.cell_geometry(masks)
+        flat = (centers[:, 0] + 1) * lab.shape[1] + centers[:, 1] + 1
+        ours = ft._diffuse_cpu(lab, flat, n_iter, dtype)
+        sweep = ft._diffuse_torch(torch.from_numpy(lab), torch.from_numpy(flat), n_iter, dtype)
+        assert ours.dtype == sweep.numpy().dtype
+        assert (ours > 0).sum() > 2 * len(centers)  # the diffusion spread: not trivial
+        np.testing.assert_array_equal(ours, sweep.numpy())
+
+
+def test_flows_same_on_two_threads(rng):
+    masks = voronoi_cells((60, 70), 40, rng, max_dist=8)  # 40 cells: several work units
+    one = masks_to_flows(masks)
+    torch.set_num_threads(2)  # the conftest fixture restores one thread
+    np.testing.assert_array_equal(masks_to_flows(masks), one)
+
+
+def literal_geometry(masks: np.ndarray):
+    """Per cell: numpy medians, first nearest pixel in raster order, bbox extents."""
+    ids = [v for v in np.unique(masks) if v != 0]
+    centers, n_iter = [], 0
+    for value in ids:
+        ys, xs = np.nonzero(masks == value)  # raster order
+        dist = (ys - np.median(ys)) ** 2 + (xs - np.median(xs)) ** 2
+        first = int(np.argmin(dist))  # argmin returns the first minimum
+        centers.append((ys[first], xs[first]))
+        n_iter = max(n_iter, 2 * (np.ptp(ys) + 1 + np.ptp(xs) + 1 + 2))
+    return np.array(ids), np.array(centers, np.int64).reshape(-1, 2), n_iter
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.uint64, np.bool_])
+def test_cell_geometry_matches_literal_computation(dtype, rng):
+    if dtype == np.bool_:
+        masks = disk((20, 23), (9, 10), 7) > 0
+        masks[9, 10:13] = False  # notch at the median point
+    else:
+        masks = voronoi_cells((30, 33), 9, rng, max_dist=7).astype(dtype)
+        masks[masks == 4] = 0  # a missing id
+        masks[2:4, 2:5] = 200 if dtype == np.uint8 else 2**40 if dtype == np.uint64 else 9000
+    ids, centers, n_iter = ft.cell_geometry(masks)
+    want_ids, want_centers, want_n_iter = literal_geometry(masks)
+    np.testing.assert_array_equal(ids, want_ids)
+    assert ids.dtype == masks.dtype
+    np.testing.assert_array_equal(centers, want_centers)
+    assert n_iter == want_n_iter
+
+
 # --- analytic properties ------------------------------------------------------------------
 
 

@@ -288,19 +288,58 @@ def test_follow_flows_random_field_few_steps(rng):
     assert ours[1].min() >= 0 and ours[1].max() <= 16
 
 
-def test_follow_flows_chunking_and_cycle_retirement_are_exact(monkeypatch):
+def torch_follow(dP: np.ndarray, iscell: np.ndarray, niter: int, chunk_size: int) -> np.ndarray:
+    """The vectorised torch path (the CUDA implementation), run on the CPU."""
+    field = torch.as_tensor(dP, dtype=torch.float32) * torch.as_tensor(iscell) / torch.full(
+        (), 5.0
+    )
+    movers = torch.nonzero((field[0].abs() > 1e-3) | (field[1].abs() > 1e-3))
+    final = torch.as_tensor(reconstruct._own_coordinates(*iscell.shape))
+    reconstruct._follow_torch(field, movers, niter, final, chunk_size)
+    return final.numpy()
+
+
+def test_follow_flows_cpu_kernel_matches_torch_path_bit_for_bit(monkeypatch):
     masks = touching_scene(3)
     dP = 5.0 * masks_to_flows(masks)
     iscell = masks > 0
-    # Odd step counts exercise the parity rule for retired 2-cycles.
-    default = {n: follow_flows(dP, iscell, niter=n) for n in (200, 37)}
-    chunked = follow_flows(dP, iscell, chunk_size=777)
-    monkeypatch.setattr(reconstruct, "_CYCLE_CHECK_EVERY", 10**9)  # no retirement
-    for n, result in default.items():
-        np.testing.assert_array_equal(result, follow_flows(dP, iscell, niter=n))
-    np.testing.assert_array_equal(chunked, default[200])
-    monkeypatch.setattr(reconstruct, "_FLOAT_INDEX_LIMIT", 0)  # integer index path
-    np.testing.assert_array_equal(follow_flows(dP, iscell, niter=37), default[37])
+    # Odd and tiny step counts exercise the parity rule for retired 2-cycles and blocks
+    # shorter than a cycle check; chunking must not matter.
+    ours = {n: follow_flows(dP, iscell, niter=n) for n in (200, 37, 2, 1, 0)}
+    np.testing.assert_array_equal(follow_flows(dP, iscell, chunk_size=777), ours[200])
+    for n, result in ours.items():
+        np.testing.assert_array_equal(result, torch_follow(dP, iscell, n, 10**9))
+    monkeypatch.setattr(reconstruct, "_CYCLE_CHECK_EVERY", 10**9)  # torch: no retirement
+    np.testing.assert_array_equal(torch_follow(dP, iscell, 200, 500), ours[200])
+    monkeypatch.setattr(reconstruct, "_FLOAT_INDEX_LIMIT", 0)  # torch: integer index path
+    np.testing.assert_array_equal(torch_follow(dP, iscell, 37, 10**9), ours[37])
+
+
+def test_follow_flows_kernel_matches_torch_on_rough_fields(rng):
+    # Random flows leave most pixels wandering (no cycle) and push many against the
+    # image border, where the clamp and the clamped +1 neighbour matter.
+    for shape in ((15, 17), (40, 9), (1, 30)):
+        dP = rng.uniform(-9, 9, size=(2, *shape)).astype(np.float32)
+        iscell = rng.random(shape) > 0.1
+        for niter in (200, 5):
+            np.testing.assert_array_equal(
+                follow_flows(dP, iscell, niter=niter), torch_follow(dP, iscell, niter, 10**9)
+            )
+
+
+def test_follow_flows_same_result_on_two_threads():
+    masks = touching_scene(2)
+    dP = 5.0 * masks_to_flows(masks)
+    one = follow_flows(dP, masks > 0, chunk_size=1000)
+    torch.set_num_threads(2)  # the conftest fixture restores one thread
+    np.testing.assert_array_equal(follow_flows(dP, masks > 0, chunk_size=1000), one)
+
+
+def test_follow_flows_rejects_non_finite_flows():
+    dP = np.zeros((2, 8, 9), np.float32)
+    dP[0, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        follow_flows(dP, np.ones((8, 9), bool))
 
 
 def test_follow_flows_quirks():
