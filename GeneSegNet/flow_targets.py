@@ -32,13 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm import tqdm
 
 from GeneSegNet import cpu_kernels
 from GeneSegNet.device import as_device
 from GeneSegNet.io.atomic import atomic_path
-from GeneSegNet.masks import renumber
+from GeneSegNet.masks import bounding_boxes, compact_labels, renumber
 
 logger = logging.getLogger(__name__)
 
@@ -73,33 +72,10 @@ def _check_labels(masks: np.ndarray) -> np.ndarray:
     return masks
 
 
-def _compact_labels(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct non-zero ids ``[K]`` (ascending, dtype of ``masks``) and the label image
-    with them replaced by 1..K (int32 ``[H,W]``, 0 stays background)."""
-    flat = masks.ravel()
-    if masks.dtype == np.bool_:
-        flat = flat.view(np.uint8)
-    top = int(flat.max()) if flat.size else 0
-    if top <= 4 * flat.size + 1024:
-        present = np.flatnonzero(np.bincount(flat, minlength=top + 1))
-        ids = present[present > 0]
-        lut = np.zeros(top + 1, np.int32)
-        lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
-        return ids.astype(masks.dtype), lut[masks.view(flat.dtype)]
-    # Sparse huge ids: sort instead of a lookup table.
-    values, inverse = np.unique(flat, return_inverse=True)
-    compact = inverse.reshape(masks.shape).astype(np.int32) + (0 if values[0] == 0 else 1)
-    return values[values > 0], compact
-
-
 def _geometry(compact: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Boxes ``[K,4]`` (row0, row1, col0, col1), centers ``[K,2]`` and ``n_iter`` of a
     label image with ids 1..K (see `cell_geometry`)."""
-    boxes = np.array(
-        [(box[0].start, box[0].stop, box[1].start, box[1].stop)
-         for box in ndimage.find_objects(compact)],
-        dtype=np.int64,
-    ).reshape(-1, 4)
+    boxes = bounding_boxes(compact)
     if boxes.shape[0] == 0:
         return boxes, np.zeros((0, 2), np.int64), 0
     centers = cpu_kernels.cell_centers(compact, boxes)
@@ -122,7 +98,7 @@ def cell_geometry(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     n_iter : int, ``2 * max_k (h_k + w_k + 2)``; 0 when there are no cells.
     """
     masks = _check_labels(masks)
-    ids, compact = _compact_labels(masks)
+    ids, compact = compact_labels(masks)
     _, centers, n_iter = _geometry(compact)
     return ids, centers, n_iter
 
@@ -177,13 +153,9 @@ _CELLS_PER_TASK = 64  # cells per work unit of the CPU diffusion
 def _diffuse_cpu(lab: np.ndarray, centers: np.ndarray, n_iter: int,
                  dtype: torch.dtype) -> np.ndarray:
     """``T`` [h,w] of the diffusion, per cell inside its bounding box, on CPU threads."""
-    boxes = np.array(
-        [(box[0].start - 1, box[0].stop + 1, box[1].start - 1, box[1].stop + 1)
-         for box in ndimage.find_objects(lab)],
-        dtype=np.int64,
-    ).reshape(-1, 4)
+    boxes = bounding_boxes(lab) + np.array([-1, 1, -1, 1])  # grown by the ring
     centers_2d = np.stack(np.divmod(centers, lab.shape[1]), axis=1).astype(np.int64)
-    field = np.zeros(lab.shape, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+    field = torch.zeros(lab.shape, dtype=dtype).numpy()
 
     def work(start: int, stop: int) -> None:
         # Ids are 1..K: cell start + i of this slice has id start + i + 1.
@@ -250,7 +222,7 @@ def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu",
     masks = _check_labels(masks)
     height, width = masks.shape
     flows = np.zeros((2, height, width), np.float32)
-    ids, compact = _compact_labels(masks)
+    ids, compact = compact_labels(masks)
     if ids.size == 0:
         return flows
     boxes, centers, n_iter = _geometry(compact)

@@ -31,6 +31,41 @@ def _as_labels(masks: np.ndarray) -> np.ndarray:
     return masks
 
 
+def compact_labels(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct cell ids of a label image, and the image with them numbered 1..K.
+
+    Parameters
+    ----------
+    masks : ndarray [H, W], integer or bool
+        Label image with non-negative ids (label 0 need not be present); a boolean
+        image is one cell with id True.
+
+    Returns
+    -------
+    ids : ndarray [K]
+        The distinct non-zero ids, ascending, in the dtype of ``masks``.
+    labels : ndarray [H, W] int32
+        ``ids[k]`` replaced by k + 1, background 0.
+    """
+    values = np.asarray(masks)
+    values = _as_labels(values.view(np.uint8) if values.dtype == np.bool_ else values)
+    flat = values.ravel()
+    top = int(flat.max()) if flat.size else 0
+    if top > 4 * flat.size + 1024:
+        # Sparse huge ids: sort instead of a lookup table.
+        distinct, inverse = np.unique(flat, return_inverse=True)
+        compact = inverse.reshape(values.shape).astype(np.int32)
+        if distinct[0] != 0:
+            compact += 1
+        ids = distinct[distinct > 0]
+    else:
+        ids = np.flatnonzero(np.bincount(flat, minlength=top + 1)[1:]) + 1
+        lut = np.zeros(top + 1, dtype=np.int32)
+        lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+        compact = lut[values]
+    return ids.astype(np.asarray(masks).dtype), compact
+
+
 def renumber(masks: np.ndarray, order: str = "id") -> np.ndarray:
     """Relabel the cells of a label image to 1..K, keeping 0 as background.
 
@@ -57,21 +92,28 @@ def renumber(masks: np.ndarray, order: str = "id") -> np.ndarray:
     masks = _as_labels(masks)
     if order not in ("id", "first"):
         raise ValueError(f"order must be 'id' or 'first', got {order!r}")
-    flat = masks.ravel()
-    top = int(flat.max()) if flat.size else 0
-    if top > 4 * flat.size + 1024:
-        # Sparse huge ids: compress them to 0..n (order and background kept) first.
-        ids, inverse = np.unique(flat, return_inverse=True)
-        flat = inverse.ravel() + (0 if ids[0] == 0 else 1)
-        top = int(flat.max())
-    present = np.flatnonzero(np.bincount(flat, minlength=top + 1)[1:]) + 1
-    if order == "first":
-        first = np.full(top + 1, flat.size, dtype=np.int64)
-        np.minimum.at(first, flat, np.arange(flat.size))
-        present = present[np.argsort(first[present], kind="stable")]
-    lut = np.zeros(top + 1, dtype=np.int32)
-    lut[present] = np.arange(1, len(present) + 1, dtype=np.int32)
-    return lut[flat].reshape(masks.shape)
+    ids, compact = compact_labels(masks)
+    if order == "id":
+        return compact
+    flat = compact.ravel()
+    first = np.full(len(ids) + 1, flat.size, dtype=np.int64)
+    np.minimum.at(first, flat, np.arange(flat.size))
+    lut = np.zeros(len(ids) + 1, dtype=np.int32)
+    lut[np.argsort(first[1:], kind="stable") + 1] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[compact]
+
+
+def bounding_boxes(labels: np.ndarray) -> np.ndarray:
+    """Bounding box of each id 1..max of a label image, ``[max, 4]`` int64.
+
+    Row k holds (row0, row1, col0, col1) of id k + 1, stops exclusive, from
+    ``scipy.ndimage.find_objects``; absent ids get (0, 0, 0, 0).
+    """
+    boxes = [
+        (0, 0, 0, 0) if box is None else (box[0].start, box[0].stop, box[1].start, box[1].stop)
+        for box in ndimage.find_objects(labels)
+    ]
+    return np.array(boxes, dtype=np.int64).reshape(-1, 4)
 
 
 def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> np.ndarray:
@@ -98,14 +140,9 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
         Labels 1..K, ordered like the surviving input ids.
     """
     out = _as_labels(masks).astype(np.int32, copy=True)
-    boxes = np.array(
-        [(0, 0, 0, 0) if box is None else (box[0].start, box[0].stop, box[1].start, box[1].stop)
-         for box in ndimage.find_objects(out)],
-        dtype=np.int64,
-    ).reshape(-1, 4)
     # Compiled (cpu_kernels): new ids never exceed the old id being visited, so no
     # unvisited cell is hit.
-    new_id = cpu_kernels.fill_holes_and_filter(out, boxes, int(min_size))
+    new_id = cpu_kernels.fill_holes_and_filter(out, bounding_boxes(out), int(min_size))
     # A cell swallowed by a later cell's hole filling leaves a gap in the numbering.
     if (np.bincount(out.ravel(), minlength=new_id + 1)[1:] == 0).any():
         out = renumber(out)

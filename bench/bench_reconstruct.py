@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from GeneSegNet import flow_targets, reconstruct
 from GeneSegNet.flow_targets import masks_to_flows
-from GeneSegNet.masks import fill_holes_and_remove_small_masks
+from GeneSegNet.masks import compact_labels, fill_holes_and_remove_small_masks
 from GeneSegNet.reconstruct import (
     compute_masks,
     follow_flows,
@@ -176,7 +176,7 @@ def time_torch_paths(dP: np.ndarray, masks: np.ndarray, repeats: int) -> None:
         f"follow_flows, torch-vectorised {t_wall:.2f} s vs compiled {k_wall:.2f} s: "
         f"{t_wall / k_wall:.1f}x; identical: {np.array_equal(t_pos, k_pos)}"
     )
-    lab = np.pad(flow_targets._compact_labels(masks)[1], 1).astype(np.int64)
+    lab = np.pad(compact_labels(masks)[1], 1).astype(np.int64)
     _, centers, n_iter = flow_targets.cell_geometry(masks)
     flat = (centers[:, 0] + 1) * lab.shape[1] + centers[:, 1] + 1
     for dtype in (torch.float32, torch.float64):

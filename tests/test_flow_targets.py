@@ -16,7 +16,7 @@ from GeneSegNet.flow_targets import (
     labels_to_flow_targets,
     masks_to_flows,
 )
-from GeneSegNet.masks import renumber
+from GeneSegNet.masks import compact_labels, renumber
 
 # 9-point stencil written out independently of the module: self, N, S, W, E, NW, NE, SW, SE.
 NEIGHBOURS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]
@@ -244,7 +244,7 @@ def test_sparse_cells_far_apart_match_reference():
 
 def padded_compact(masks: np.ndarray) -> np.ndarray:
     """Ids 1..K (ascending original ids) with a 1 px zero ring, as masks_to_flows builds."""
-    _, compact = ft._compact_labels(masks)
+    _, compact = compact_labels(masks)
     return np.pad(compact, 1).astype(np.int64)
 
 

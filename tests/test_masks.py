@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from GeneSegNet.masks import (
+    compact_labels,
     diameters,
     fill_holes_and_remove_small_masks,
     outlines_list,
@@ -51,6 +52,29 @@ def test_renumber_rejects_floats_and_negatives():
         renumber(np.zeros((2, 2), np.float32))
     with pytest.raises(ValueError):
         renumber(np.array([[0, -1]]))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.uint64])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_compact_labels_against_unique(dtype, sparse):
+    rng = np.random.default_rng(1)
+    masks = rng.choice(np.array([0, 3, 9, 200], dtype=dtype), size=(7, 9))
+    if sparse and dtype == np.uint64:
+        masks[masks == 9] = 2**40  # ids far above the pixel count: the sorting path
+    if sparse:
+        masks[masks == 0] = 3  # no background at all
+    ids, compact = compact_labels(masks)
+    distinct = np.unique(masks)
+    np.testing.assert_array_equal(ids, distinct[distinct > 0])
+    assert ids.dtype == masks.dtype and compact.dtype == np.int32
+    expected = np.searchsorted(distinct[distinct > 0], masks) + 1
+    np.testing.assert_array_equal(compact, np.where(masks > 0, expected, 0))
+
+
+def test_compact_labels_of_bool_image():
+    ids, compact = compact_labels(np.array([[True, False], [False, True]]))
+    assert ids.tolist() == [True]
+    np.testing.assert_array_equal(compact, [[1, 0], [0, 1]])
 
 
 # ---------------------------------------------------------------------------
