@@ -54,12 +54,13 @@ import torch  # noqa: E402
 from GeneSegNet.blockwise import reconstruct_blockwise  # noqa: E402
 from GeneSegNet.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from GeneSegNet.heatmap import heatmap_to_uint8, render_heatmap  # noqa: E402
+from GeneSegNet.mapping import write_mapping  # noqa: E402
 from GeneSegNet.net import GeneSegUNet, NetConfig  # noqa: E402
 from GeneSegNet.predict import EvalConfig, prepare_input, run_network  # noqa: E402
 from GeneSegNet.reconstruct import compute_masks  # noqa: E402
 from GeneSegNet.simulate import TissueConfig, simulate_tissue  # noqa: E402
 from GeneSegNet.slide import SpotIndex, heatmap_tiles, predict_slide  # noqa: E402
-from GeneSegNet.slide_io import write_label_outputs, write_mapping, write_tiled_tiff  # noqa: E402
+from GeneSegNet.slide_io import write_label_outputs, write_tiled_tiff  # noqa: E402
 from GeneSegNet.slide_pipeline import SlideRunConfig, segment_slide  # noqa: E402
 from GeneSegNet.slide_plan import SlideConfig, plan_windows  # noqa: E402
 from GeneSegNet.tiling import TiledAccumulator  # noqa: E402

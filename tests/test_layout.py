@@ -90,3 +90,22 @@ def test_package_never_imports_scripts_prints_or_configures_logging():
                 assert name != "print", f"{path.name}: print() in the package; use logging"
                 if name == "basicConfig":
                     assert path.name == "log.py", f"{path.name}: configures logging"
+
+
+def test_scripts_and_benchmarks_import_names_the_package_has():
+    """A renamed or moved function must not leave a script or benchmark importing it."""
+    import importlib
+    import importlib.util
+
+    paths = [p for p in SCRIPTS if p.exists()] + sorted((ROOT / "bench").glob("*.py"))
+    missing = []
+    for path in paths:
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                if node.module.split(".")[0] != "GeneSegNet":
+                    continue
+                module = importlib.import_module(node.module)
+                missing += [f"{path.name}: {node.module}.{alias.name}" for alias in node.names
+                            if not hasattr(module, alias.name)
+                            and importlib.util.find_spec(f"{node.module}.{alias.name}") is None]
+    assert not missing, f"imported names that do not exist: {missing}"
