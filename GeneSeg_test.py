@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         import GeneSegNet
-        from GeneSegNet.checkpoint import load_checkpoint
         from GeneSegNet.cli_args import eval_config_from_args, output_options_from_args
         from GeneSegNet.device import get_device
         from GeneSegNet.errors import InputError
-        from GeneSegNet.evaluate import evaluate_dataset, format_metrics
+        from GeneSegNet.evaluation.test_pass import evaluate_dataset, format_metrics
+        from GeneSegNet.model.checkpoint import load_checkpoint
 
         if not args.test_dir.is_dir():
             raise InputError("test folder not found", args.test_dir)

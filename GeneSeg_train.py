@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=0, help="data loader processes")
     g.add_argument("--deterministic", action="store_true", help="deterministic torch kernels")
     g.add_argument("--refine_method", choices=("morphology", "fast", "levelset"),
-                   default="morphology", help="label refinement (see GeneSegNet.refine): "
+                   default="morphology", help="label refinement (see GeneSegNet.training.refine): "
                    "morphology = the §6.2 rule, quickest; fast = exact level-set result "
                    "(slow for small cells); levelset = literal upstream computation")  # fmt: skip
     g.add_argument("--warm_start_rounds", action="store_true",
@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _configs(args: argparse.Namespace):
     from GeneSegNet.cli_args import eval_config_from_args, output_options_from_args
     from GeneSegNet.errors import InputError
-    from GeneSegNet.net import NetConfig
-    from GeneSegNet.recursive import RecursiveConfig
-    from GeneSegNet.train import TrainConfig
+    from GeneSegNet.model.net import NetConfig
+    from GeneSegNet.training.loop import TrainConfig
+    from GeneSegNet.training.recursive import RecursiveConfig
 
     try:
         net = NetConfig(nchan=args.chan, residual_on=bool(args.residual_on),
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         import GeneSegNet
         from GeneSegNet.device import get_device
-        from GeneSegNet.recursive import run_recursive_training
+        from GeneSegNet.training.recursive import run_recursive_training
 
         args.save_model_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(args.verbose, log_file=args.save_model_dir / LOG_NAME)

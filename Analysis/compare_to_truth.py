@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def run() -> int:
+        from GeneSegNet.evaluation.truth import score_folder
         from GeneSegNet.io import atomic_path
-        from GeneSegNet.truth_report import score_folder
 
         table = score_folder(args.label_dir, args.truth_dir)
         text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}")

@@ -5,7 +5,7 @@ Both scripts compose these groups, so their flags and defaults cannot drift apar
 Flag names follow upstream, so upstream commands keep working.
 
 Evaluation flags default to None and :func:`eval_config_from_args` passes only the ones
-given, so :class:`GeneSegNet.predict.EvalConfig` holds the only copy of each default
+given, so :class:`GeneSegNet.model.predict.EvalConfig` holds the only copy of each default
 (the values quoted in the help texts are checked against it by the tests).
 
 Upstream flags that never did anything, or that we do not implement, are still
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 from GeneSegNet.cli import add_device_args, add_verbose_arg
 
 if TYPE_CHECKING:
-    from GeneSegNet.evaluate import OutputOptions
-    from GeneSegNet.predict import EvalConfig
+    from GeneSegNet.evaluation.test_pass import OutputOptions
+    from GeneSegNet.model.predict import EvalConfig
 
 HEATMAP_MODES = ("fixed", "percentile")
 
@@ -369,7 +369,7 @@ def check_unsupported(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
 def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
     """:class:`EvalConfig` from parsed flags; only flags given override its defaults."""
-    from GeneSegNet.predict import EvalConfig
+    from GeneSegNet.model.predict import EvalConfig
 
     given = {
         "diameter": args.diameter,
@@ -399,8 +399,8 @@ def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def output_options_from_args(args: argparse.Namespace) -> OutputOptions:
-    """:class:`GeneSegNet.evaluate.OutputOptions` from the flags of :func:`add_output_args`."""
-    from GeneSegNet.evaluate import OutputOptions
+    """The test pass's ``OutputOptions`` from the flags of :func:`add_output_args`."""
+    from GeneSegNet.evaluation.test_pass import OutputOptions
 
     return OutputOptions(
         save_png=args.save_png,

@@ -25,7 +25,7 @@ import logging
 import cv2
 import numpy as np
 
-from GeneSegNet.transforms import normalize99
+from GeneSegNet.data.transforms import normalize99
 
 logger = logging.getLogger(__name__)
 

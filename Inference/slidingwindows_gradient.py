@@ -131,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_config(args: argparse.Namespace, meta: dict):
     from GeneSegNet.errors import InputError
-    from GeneSegNet.predict import EvalConfig
-    from GeneSegNet.slide_pipeline import SlideRunConfig
-    from GeneSegNet.slide_plan import SlideConfig
+    from GeneSegNet.model.predict import EvalConfig
+    from GeneSegNet.slide.pipeline import SlideRunConfig
+    from GeneSegNet.slide.plan import SlideConfig
 
     heatmap_mode = args.heatmap_norm or (meta.get("train_config") or {}).get("heatmap_mode")
     given = {
@@ -170,11 +170,11 @@ def _run_config(args: argparse.Namespace, meta: dict):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from GeneSegNet.checkpoint import load_checkpoint
     from GeneSegNet.device import get_device
     from GeneSegNet.errors import InputError
-    from GeneSegNet.slide_io import check_output_dir, discover_slides
-    from GeneSegNet.slide_pipeline import run_slides
+    from GeneSegNet.model.checkpoint import load_checkpoint
+    from GeneSegNet.slide.files import check_output_dir, discover_slides
+    from GeneSegNet.slide.pipeline import run_slides
 
     # Every check runs before the first long step (run_slides reads all inputs first).
     try:

@@ -2,7 +2,7 @@
 
 Run from the repo root: ``.venv/bin/python bench/bench_flow_targets.py [--crops 3]``.
 
-Ours: ``GeneSegNet.flow_targets.masks_to_flows`` (all cells diffused at once in torch).
+Ours: ``GeneSegNet.dynamics.flow_targets.masks_to_flows`` (all cells diffused at once in torch).
 Reference: the same spec 4.1 semantics computed the straightforward way, one cell at a
 time on its own bounding-box crop with numpy (the structure of upstream's CPU variant,
 but with the GPU variant's shared n_iter, centers and leaky gradients, so that both give
@@ -24,7 +24,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time  # noqa: E402
 
-from GeneSegNet.flow_targets import STENCIL, cell_geometry, masks_to_flows
+from GeneSegNet.dynamics.flow_targets import STENCIL, cell_geometry, masks_to_flows
 
 
 def voronoi_crop(rng: np.random.Generator, size: int = 256, n_cells: int = 32) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time, peak_rss_mb, single_thread  # noqa: E402
 
-from GeneSegNet.heatmap import TRUNCATE_EXPONENT, render_heatmap  # noqa: E402
+from GeneSegNet.data.heatmap import TRUNCATE_EXPONENT, render_heatmap  # noqa: E402
 
 
 def stacked_reference(rows, cols, shape, sigma=7.0):

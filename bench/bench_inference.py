@@ -51,19 +51,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from GeneSegNet.blockwise import reconstruct_blockwise  # noqa: E402
-from GeneSegNet.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from GeneSegNet.heatmap import heatmap_to_uint8, render_heatmap  # noqa: E402
+from GeneSegNet.data.heatmap import heatmap_to_uint8, render_heatmap  # noqa: E402
+from GeneSegNet.data.simulate import TissueConfig, simulate_tissue  # noqa: E402
+from GeneSegNet.dynamics.reconstruct import compute_masks  # noqa: E402
 from GeneSegNet.mapping import write_mapping  # noqa: E402
-from GeneSegNet.net import GeneSegUNet, NetConfig  # noqa: E402
-from GeneSegNet.predict import EvalConfig, prepare_input, run_network  # noqa: E402
-from GeneSegNet.reconstruct import compute_masks  # noqa: E402
-from GeneSegNet.simulate import TissueConfig, simulate_tissue  # noqa: E402
-from GeneSegNet.slide import SpotIndex, heatmap_tiles, predict_slide  # noqa: E402
-from GeneSegNet.slide_io import write_label_outputs, write_tiled_tiff  # noqa: E402
-from GeneSegNet.slide_pipeline import SlideRunConfig, segment_slide  # noqa: E402
-from GeneSegNet.slide_plan import SlideConfig, plan_windows  # noqa: E402
-from GeneSegNet.tiling import TiledAccumulator  # noqa: E402
+from GeneSegNet.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from GeneSegNet.model.net import GeneSegUNet, NetConfig  # noqa: E402
+from GeneSegNet.model.predict import EvalConfig, prepare_input, run_network  # noqa: E402
+from GeneSegNet.model.tiling import TiledAccumulator  # noqa: E402
+from GeneSegNet.slide.blockwise import reconstruct_blockwise  # noqa: E402
+from GeneSegNet.slide.files import write_label_outputs, write_tiled_tiff  # noqa: E402
+from GeneSegNet.slide.pipeline import SlideRunConfig, segment_slide  # noqa: E402
+from GeneSegNet.slide.plan import SlideConfig, plan_windows  # noqa: E402
+from GeneSegNet.slide.windows import SpotIndex, heatmap_tiles, predict_slide  # noqa: E402
 
 PERIOD = 28  # px between neighbouring synthetic cells (square lattice)
 CENTRE = (13.3, 14.6)  # cell centre within its period (off the pixel grid)

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from GeneSegNet import flow_targets, reconstruct
-from GeneSegNet.flow_targets import masks_to_flows
-from GeneSegNet.masks import compact_labels, fill_holes_and_remove_small_masks
-from GeneSegNet.reconstruct import (
+from GeneSegNet.dynamics import flow_targets, reconstruct
+from GeneSegNet.dynamics.flow_targets import masks_to_flows
+from GeneSegNet.dynamics.masks import compact_labels, fill_holes_and_remove_small_masks
+from GeneSegNet.dynamics.reconstruct import (
     compute_masks,
     follow_flows,
     get_masks,

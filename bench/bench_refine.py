@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_time  # noqa: E402
 
-from GeneSegNet.refine import refine_labels, refine_labels_levelset
+from GeneSegNet.training.refine import refine_labels, refine_labels_levelset
 
 
 def synthetic_crop(height: int, width: int, n_cells: int, seed: int) -> np.ndarray:
@@ -81,7 +81,7 @@ def main() -> None:
         f"torch threads = {torch.get_num_threads()}, float32, CPU"
     )
 
-    log = logging.getLogger("GeneSegNet.refine")
+    log = logging.getLogger("GeneSegNet.training.refine")
     handler = _CountHandler()
     log.addHandler(handler)
     log.setLevel(logging.DEBUG)

@@ -1,6 +1,6 @@
 """Training throughput (images/s) of the full-size network at batch 8, 224x224 patches.
 
-Ours: epochs of :func:`GeneSegNet.train.train_network` on 8 synthetic 256x256 crops
+Ours: epochs of :func:`GeneSegNet.training.loop.train_network` on 8 synthetic 256x256 crops
 (one batch per epoch: normalisation, augmentation, forward, loss, backward, AdamW);
 the per-epoch times come from the run's history (flow targets and checkpoint writes
 are not included). Reference, measured in the same run: the bare step (forward, loss,
@@ -32,7 +32,7 @@ BATCH, TILE, CROP = 8, 224, 256
 
 
 def _crops(n: int = BATCH):
-    from GeneSegNet.dataset import Crop
+    from GeneSegNet.data.dataset import Crop
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:CROP, :CROP]
@@ -60,8 +60,8 @@ def _crops(n: int = BATCH):
 
 def ours(device: str, bf16: bool, epochs: int) -> float:
     """Median seconds per batch of the training loop (epochs 1.. of one run)."""
-    from GeneSegNet.net import NetConfig
-    from GeneSegNet.train import TrainConfig, train_network
+    from GeneSegNet.model.net import NetConfig
+    from GeneSegNet.training.loop import TrainConfig, train_network
 
     cfg = TrainConfig(n_epochs=epochs + 1, batch_size=BATCH, tile=TILE, bf16=bf16)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,8 +75,8 @@ def reference(device: str, bf16: bool, repeats: int) -> float:
     """Median seconds of a bare forward/backward/AdamW step on ready tensors."""
     import torch
 
-    from GeneSegNet.net import GeneSegUNet
-    from GeneSegNet.train import loss_fn
+    from GeneSegNet.model.net import GeneSegUNet
+    from GeneSegNet.training.loop import loss_fn
 
     net = GeneSegUNet().to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-5)

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import GeneSeg_train  # noqa: E402
+from GeneSegNet.evaluation.truth import score_folder  # noqa: E402
 from GeneSegNet.io import read_image, write_image  # noqa: E402
-from GeneSegNet.truth_report import score_folder  # noqa: E402
 from Inference import slidingwindows_gradient  # noqa: E402
 from preprocess import Generate_Image_Label_locationMap, simulate_tissue  # noqa: E402
 

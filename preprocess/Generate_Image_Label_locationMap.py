@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def run() -> int:
-        from GeneSegNet.crops import CropConfig, prepare_dataset
+        from GeneSegNet.data.crops import CropConfig, prepare_dataset
 
         config = CropConfig(n_crops=args.n_crops, crop_size=args.crop_size, sigma=args.sigma,
                             seed=args.seed, image_format=args.image_format,

@@ -10,7 +10,7 @@ from pathlib import Path
 from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
 from GeneSegNet.log import setup_logging
 
-logger = logging.getLogger("GeneSegNet.simulate")
+logger = logging.getLogger("GeneSegNet.data.simulate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def run() -> int:
+        from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
         from GeneSegNet.errors import InputError
-        from GeneSegNet.simulate import TissueConfig, write_simulated_dataset
 
         if args.out_dir.exists() and not args.overwrite:
             raise InputError("output folder already exists (use --overwrite)", args.out_dir)

@@ -1,11 +1,11 @@
-"""Tests for GeneSegNet.augment: geometry of the warp, flow rotation, random draws."""
+"""Tests for GeneSegNet.training.augment: geometry of the warp, flow rotation, random draws."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from GeneSegNet.augment import _warp_one, random_rotate_and_resize
+from GeneSegNet.training.augment import _warp_one, random_rotate_and_resize
 
 OUT = 224
 

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from GeneSegNet.blockwise import (
+from GeneSegNet.dynamics.flow_targets import masks_to_flows
+from GeneSegNet.dynamics.masks import renumber
+from GeneSegNet.dynamics.reconstruct import compute_masks
+from GeneSegNet.evaluation.metrics import match
+from GeneSegNet.slide.blockwise import (
     block_grid,
     cell_centres,
     reconstruct_blockwise,
     upstream_label_opening,
 )
-from GeneSegNet.flow_targets import masks_to_flows
-from GeneSegNet.masks import renumber
-from GeneSegNet.metrics import match
-from GeneSegNet.reconstruct import compute_masks
 
 
 def tissue(
@@ -134,7 +134,7 @@ def test_float16_canvases_give_the_same_masks():
 def test_small_halo_is_reported(caplog):
     masks = tissue(128, 24.0, seed=9)
     flows, logits = network_like(masks, 0.0, seed=0)
-    with caplog.at_level(logging.WARNING, logger="GeneSegNet.blockwise"):
+    with caplog.at_level(logging.WARNING, logger="GeneSegNet.slide.blockwise"):
         reconstruct_blockwise(flows, logits, block_size=32, halo=2)
     assert "halo" in caplog.text
 

@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.checkpoint: round trips, upstream state dicts, refusal of bad files."""
+"""GeneSegNet.model.checkpoint: round trips, upstream state dicts, refusal of bad files."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import GeneSegNet
-from GeneSegNet import checkpoint as ckpt_mod
-from GeneSegNet.checkpoint import load_checkpoint, save_checkpoint
 from GeneSegNet.errors import InputError
-from GeneSegNet.net import GeneSegUNet, NetConfig
+from GeneSegNet.model import checkpoint as ckpt_mod
+from GeneSegNet.model.checkpoint import load_checkpoint, save_checkpoint
+from GeneSegNet.model.net import GeneSegUNet, NetConfig
 
 
 def _net(cfg: NetConfig | None = None, seed: int = 0) -> GeneSegUNet:

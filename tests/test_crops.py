@@ -10,8 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from GeneSegNet.crops import CropConfig, RawSample, crop_offsets, split_samples, write_sample_crops
-from GeneSegNet.heatmap import heatmap_to_uint8
+from GeneSegNet.data.crops import (
+    CropConfig,
+    RawSample,
+    crop_offsets,
+    split_samples,
+    write_sample_crops,
+)
+from GeneSegNet.data.heatmap import heatmap_to_uint8
 from GeneSegNet.io import read_image, read_label
 from preprocess import Generate_Image_Label_locationMap as prep
 from tests.test_heatmap import brute_force

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from GeneSegNet.dataset import (
+from GeneSegNet.data.dataset import (
     label_folder_for_round,
     load_dataset,
     load_sample_folder,

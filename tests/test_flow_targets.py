@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.flow_targets against a literal per-cell, per-pixel reference."""
+"""Tests for GeneSegNet.dynamics.flow_targets against a literal per-cell, per-pixel reference."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-import GeneSegNet.flow_targets as ft
-from GeneSegNet.flow_targets import (
+import GeneSegNet.dynamics.flow_targets as ft
+from GeneSegNet.dynamics.flow_targets import (
     FlowTargetCache,
     compute_flow_targets,
     label_key,
     labels_to_flow_targets,
     masks_to_flows,
 )
-from GeneSegNet.masks import compact_labels, renumber
+from GeneSegNet.dynamics.masks import compact_labels, renumber
 
 # 9-point stencil written out independently of the module: self, N, S, W, E, NW, NE, SW, SE.
 NEIGHBOURS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]

@@ -23,13 +23,13 @@ from scipy import ndimage
 from torch import nn
 
 import GeneSeg_test
-from GeneSegNet import checkpoint as checkpoint_mod
-from GeneSegNet.checkpoint import save_checkpoint
 from GeneSegNet.cli_args import add_common_args, check_unsupported, eval_config_from_args
-from GeneSegNet.flow_targets import masks_to_flows
+from GeneSegNet.dynamics.flow_targets import masks_to_flows
 from GeneSegNet.io import read_label
-from GeneSegNet.net import GeneSegUNet, NetConfig
-from GeneSegNet.predict import EvalConfig
+from GeneSegNet.model import checkpoint as checkpoint_mod
+from GeneSegNet.model.checkpoint import save_checkpoint
+from GeneSegNet.model.net import GeneSegUNet, NetConfig
+from GeneSegNet.model.predict import EvalConfig
 
 SIDE = 64
 CENTRES = [(16, 16), (40, 44), (18, 47)]

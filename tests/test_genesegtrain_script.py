@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import GeneSeg_train
-from GeneSegNet.checkpoint import save_checkpoint
-from GeneSegNet.net import GeneSegUNet, NetConfig
+from GeneSegNet.model.checkpoint import save_checkpoint
+from GeneSegNet.model.net import GeneSegUNet, NetConfig
 from tests.test_recursive import tree_digest, write_dataset
 
 TINY = ["--nbase", "8", "16", "16", "--n_epochs", "2", "--diam_mean", "20", "--diameter", "0"]

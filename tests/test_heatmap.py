@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from GeneSegNet.heatmap import (
+from GeneSegNet.data.heatmap import (
     TRUNCATE_EXPONENT,
     cutoff_radius,
     heatmap_to_uint8,

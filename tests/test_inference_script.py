@@ -11,14 +11,14 @@ import tifffile
 import torch
 from scipy.io import loadmat
 
-from GeneSegNet import slide_pipeline
-from GeneSegNet.checkpoint import save_checkpoint
-from GeneSegNet.heatmap import heatmap_to_uint8, render_heatmap, render_spot_heatmap
+from GeneSegNet.data.heatmap import heatmap_to_uint8, render_heatmap, render_spot_heatmap
+from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
+from GeneSegNet.evaluation.metrics import match
 from GeneSegNet.io import read_image, read_label, read_spots
-from GeneSegNet.metrics import match
-from GeneSegNet.net import GeneSegUNet, NetConfig
-from GeneSegNet.simulate import TissueConfig, write_simulated_dataset
-from GeneSegNet.slide_io import write_label_outputs
+from GeneSegNet.model.checkpoint import save_checkpoint
+from GeneSegNet.model.net import GeneSegUNet, NetConfig
+from GeneSegNet.slide import pipeline as slide_pipeline
+from GeneSegNet.slide.files import write_label_outputs
 from Inference.slidingwindows_gradient import main
 from tests.test_blockwise import network_like
 

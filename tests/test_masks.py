@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.masks: renumbering, hole filling, filters, diameters, outlines."""
+"""Tests for GeneSegNet.dynamics.masks: renumbering, hole filling, filters, diameters, outlines."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from GeneSegNet.masks import (
+from GeneSegNet.dynamics.masks import (
     compact_labels,
     diameters,
     fill_holes_and_remove_small_masks,

@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.metrics against analytic or hand-computed answers."""
+"""Tests for GeneSegNet.evaluation.metrics against analytic or hand-computed answers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from GeneSegNet.metrics import (
+from GeneSegNet.evaluation.metrics import (
     UPSTREAM_THRESHOLDS,
     aggregated_jaccard_index,
     average_precision,

@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.net: size, key layout and forward semantics of spec §3."""
+"""Tests for GeneSegNet.model.net: size, key layout and forward semantics of spec §3."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from GeneSegNet.net import GeneSegUNet, NetConfig
+from GeneSegNet.model.net import GeneSegUNet, NetConfig
 
 # ---------------------------------------------------------------- helpers
 

@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.predict: tiled network pass, resize factors, masks of crops."""
+"""Tests for GeneSegNet.model.predict: tiled network pass, resize factors, masks of crops."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from GeneSegNet.dataset import Crop
-from GeneSegNet.flow_targets import masks_to_flows
-from GeneSegNet.masks import renumber
-from GeneSegNet.net import GeneSegUNet, NetConfig
-from GeneSegNet.predict import (
+from GeneSegNet.data.dataset import Crop
+from GeneSegNet.data.transforms import pad_to_multiple
+from GeneSegNet.dynamics.flow_targets import masks_to_flows
+from GeneSegNet.dynamics.masks import renumber
+from GeneSegNet.model.net import GeneSegUNet, NetConfig
+from GeneSegNet.model.predict import (
     EvalConfig,
     predict_crop,
     predict_crops,
     prepare_input,
     run_network,
 )
-from GeneSegNet.transforms import pad_to_multiple
 
 TINY = NetConfig(nbase=(8, 16, 16, 16))
 

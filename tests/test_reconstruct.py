@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.reconstruct: flow following, histogram clustering, flow check."""
+"""Tests for GeneSegNet.dynamics.reconstruct: flow following, histogram clustering, flow check."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import ndimage
 
-from GeneSegNet import reconstruct
-from GeneSegNet.flow_targets import masks_to_flows
-from GeneSegNet.reconstruct import (
+from GeneSegNet.dynamics import reconstruct
+from GeneSegNet.dynamics.flow_targets import masks_to_flows
+from GeneSegNet.dynamics.reconstruct import (
     compute_masks,
     flow_errors,
     follow_flows,

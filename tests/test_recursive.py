@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.recursive: two rounds end to end on a tiny dataset written here."""
+"""Tests for GeneSegNet.training.recursive: two rounds end to end on a tiny dataset written here."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import torch
 
 from GeneSegNet.errors import InputError
 from GeneSegNet.io import read_label, write_image, write_label
-from GeneSegNet.net import NetConfig
-from GeneSegNet.predict import EvalConfig
-from GeneSegNet.recursive import (
+from GeneSegNet.model.net import NetConfig
+from GeneSegNet.model.predict import EvalConfig
+from GeneSegNet.training.loop import TrainConfig
+from GeneSegNet.training.recursive import (
     MARKER,
     RecursiveConfig,
     postprocess_pseudo_labels,
     run_recursive_training,
 )
-from GeneSegNet.train import TrainConfig
 
 NET = NetConfig(nbase=(8, 16, 16), diam_mean=20.0)
 TRAIN = TrainConfig(n_epochs=6, batch_size=2, tile=64, learning_rate=0.01, min_train_masks=0)

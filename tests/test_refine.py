@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.refine (spec §6.2 label refinement).
+"""Tests for GeneSegNet.training.refine (spec §6.2 label refinement).
 
 The literal level set (``refine_labels_levelset``) is the reference. The rule of
 §6.2 is re-implemented here plainly, one cell at a time with scipy's binary
@@ -14,7 +14,7 @@ import scipy.ndimage as ndi
 import torch
 
 from GeneSegNet.errors import InputError
-from GeneSegNet.refine import RuleDomain, refine_labels, refine_labels_levelset
+from GeneSegNet.training.refine import RuleDomain, refine_labels, refine_labels_levelset
 
 SQUARE = np.ones((3, 3), dtype=bool)
 

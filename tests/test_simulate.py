@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from GeneSegNet.simulate import TissueConfig, simulate_tissue, write_simulated_dataset
+from GeneSegNet.data.simulate import TissueConfig, simulate_tissue, write_simulated_dataset
 
 SMALL = TissueConfig(height=160, width=200)
 

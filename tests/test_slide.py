@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from GeneSegNet.blockwise import reconstruct_blockwise
-from GeneSegNet.heatmap import heatmap_to_uint8, render_heatmap
-from GeneSegNet.metrics import match
-from GeneSegNet.net import GeneSegUNet, NetConfig
-from GeneSegNet.predict import EvalConfig, prepare_input, run_network
-from GeneSegNet.reconstruct import compute_masks
-from GeneSegNet.slide import SpotIndex, channel_percentiles, predict_slide
-from GeneSegNet.slide_plan import SlideConfig, plan_windows, upstream_stride, window_starts
-from GeneSegNet.transforms import normalize99
+from GeneSegNet.data.heatmap import heatmap_to_uint8, render_heatmap
+from GeneSegNet.data.transforms import normalize99
+from GeneSegNet.dynamics.reconstruct import compute_masks
+from GeneSegNet.evaluation.metrics import match
+from GeneSegNet.model.net import GeneSegUNet, NetConfig
+from GeneSegNet.model.predict import EvalConfig, prepare_input, run_network
+from GeneSegNet.slide.blockwise import reconstruct_blockwise
+from GeneSegNet.slide.plan import SlideConfig, plan_windows, upstream_stride, window_starts
+from GeneSegNet.slide.windows import SpotIndex, channel_percentiles, predict_slide
 from tests.test_blockwise import masks_cut_along, network_like, tissue
 
 NO_RESIZE = EvalConfig(diameter=34.0)  # diam_mean 34 / diameter 34: windows are not resized

@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.tiling: tile placement, taper, blending, streaming accumulator."""
+"""Tests for GeneSegNet.model.tiling: tile placement, taper, blending, streaming accumulator."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from GeneSegNet.tiling import (
+from GeneSegNet.model.tiling import (
     TiledAccumulator,
     blend_tiles,
     make_tiles,

@@ -1,4 +1,4 @@
-"""Tests for GeneSegNet.train: schedule, loss, reproducibility, resume, checkpoints."""
+"""Tests for GeneSegNet.training.loop: schedule, loss, reproducibility, resume, checkpoints."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from GeneSegNet.checkpoint import load_checkpoint, save_checkpoint
-from GeneSegNet.dataset import Crop
+from GeneSegNet.data.dataset import Crop
 from GeneSegNet.errors import InputError
-from GeneSegNet.net import GeneSegUNet, NetConfig
-from GeneSegNet.train import (
+from GeneSegNet.model.checkpoint import load_checkpoint, save_checkpoint
+from GeneSegNet.model.net import GeneSegUNet, NetConfig
+from GeneSegNet.training.loop import (
     TrainConfig,
     learning_rate_schedule,
     loss_fn,

@@ -1,11 +1,11 @@
-"""Tests for GeneSegNet.transforms: normalisation, resizing, padding."""
+"""Tests for GeneSegNet.data.transforms: normalisation, resizing, padding."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from GeneSegNet.transforms import (
+from GeneSegNet.data.transforms import (
     normalize99,
     normalize_channels,
     pad_to_multiple,

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from Analysis import compare_to_truth
+from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
 from GeneSegNet.errors import InputError
+from GeneSegNet.evaluation.truth import score_folder
 from GeneSegNet.io import read_label, write_label
-from GeneSegNet.simulate import TissueConfig, write_simulated_dataset
-from GeneSegNet.truth_report import score_folder
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ cell-probability logit ``[H, W]``. :func:`compute_masks` turns them into a label
 
 Flow following has one definition on every device (upstream's CPU-path semantics, as
 explicit gathers, not ``grid_sample``) with two executions of the same floating-point
-operations: a compiled kernel on the CPU (:mod:`GeneSegNet.cpu_kernels`) and vectorised
+operations: a compiled kernel on the CPU (:mod:`GeneSegNet.dynamics.kernels`) and vectorised
 torch on CUDA. Tests check the two bit for bit on the CPU, and torch on CPU against
 CUDA, so CPU and CUDA agree.
 """
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from GeneSegNet import cpu_kernels
 from GeneSegNet.device import as_device
-from GeneSegNet.flow_targets import masks_to_flows
-from GeneSegNet.masks import fill_holes_and_remove_small_masks, renumber
+from GeneSegNet.dynamics import kernels
+from GeneSegNet.dynamics.flow_targets import masks_to_flows
+from GeneSegNet.dynamics.masks import fill_holes_and_remove_small_masks, renumber
 
 logger = logging.getLogger(__name__)
 
@@ -230,18 +230,18 @@ def _follow_cpu(
     final: np.ndarray,
     chunk_size: int,
 ) -> None:
-    """Compiled flow following (:mod:`GeneSegNet.cpu_kernels`); writes into ``final``."""
-    table = cpu_kernels.bilinear_table(np.ascontiguousarray(field))
+    """Compiled flow following (:mod:`GeneSegNet.dynamics.kernels`); writes into ``final``."""
+    table = kernels.bilinear_table(np.ascontiguousarray(field))
     height, width = field.shape[1:]
 
     def work(start: int, stop: int) -> None:
-        end_rows, end_cols = cpu_kernels.follow_positions(
+        end_rows, end_cols = kernels.follow_positions(
             table, height, width, rows[start:stop], cols[start:stop], niter
         )
         final[0, rows[start:stop], cols[start:stop]] = end_rows
         final[1, rows[start:stop], cols[start:stop]] = end_cols
 
-    cpu_kernels.run_in_threads(work, len(rows), chunk_size)
+    kernels.run_in_threads(work, len(rows), chunk_size)
 
 
 def _follow_torch(
@@ -371,7 +371,7 @@ def flow_errors(
 
     ``err_k = sum over c in (y, x) of mean over pixels of k of (flow_c - dP_c / 5)^2``,
     where ``flow`` are the unit flows recomputed from ``masks``
-    (:func:`GeneSegNet.flow_targets.masks_to_flows`) and ``dP`` is not masked.
+    (:func:`GeneSegNet.dynamics.flow_targets.masks_to_flows`) and ``dP`` is not masked.
 
     Parameters
     ----------

@@ -1,6 +1,7 @@
 """Whole-slide segmentation of a set of images: every check first, then per image the
-window pass (:mod:`GeneSegNet.slide`), the block-wise masks (:mod:`GeneSegNet.blockwise`),
-the outputs and, optionally, the transcript mapping (:mod:`GeneSegNet.slide_io`)."""
+window pass (:mod:`GeneSegNet.slide.windows`), the block-wise masks
+(:mod:`GeneSegNet.slide.blockwise`), the outputs and, optionally, the transcript mapping
+(:mod:`GeneSegNet.slide.files`)."""
 
 from __future__ import annotations
 
@@ -16,20 +17,20 @@ import numpy as np
 from torch import nn
 
 import GeneSegNet
-from GeneSegNet.blockwise import reconstruct_blockwise, upstream_label_opening
-from GeneSegNet.dataset import channels_for
+from GeneSegNet.data.dataset import channels_for
 from GeneSegNet.errors import InputError
 from GeneSegNet.io import atomic_path
 from GeneSegNet.mapping import write_mapping
-from GeneSegNet.slide import SpotIndex, heatmap_tiles, predict_slide
-from GeneSegNet.slide_io import (
+from GeneSegNet.slide.blockwise import reconstruct_blockwise, upstream_label_opening
+from GeneSegNet.slide.files import (
     SlideSample,
     load_slide,
     window_heatmap_writer,
     write_label_outputs,
     write_tiled_tiff,
 )
-from GeneSegNet.slide_plan import SlideConfig, plan_windows
+from GeneSegNet.slide.plan import SlideConfig, plan_windows
+from GeneSegNet.slide.windows import SpotIndex, heatmap_tiles, predict_slide
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def segment_slide(
 ) -> np.ndarray:
     """Label image [H, W] int32 of one whole image (window pass, then block-wise masks).
 
-    Only the blended canvases (:func:`GeneSegNet.slide.predict_slide`) and the label
+    Only the blended canvases (:func:`GeneSegNet.slide.windows.predict_slide`) and the label
     image grow with the image; the canvases are released before returning.
     """
     result = predict_slide(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from GeneSegNet.predict import EvalConfig, rescale_factor
+from GeneSegNet.model.predict import EvalConfig, rescale_factor
 
 UPSTREAM_OVERLAP = 16  # px; upstream stride = int(max(window - 16, 0.75 * window))
 BORDER_NET_PX = 8  # zero padding around the image, in network pixels (upstream pad_image_ND)

@@ -1,6 +1,6 @@
 """Mask reconstruction block by block over a whole slide, with no cut or duplicated cells.
 
-:func:`GeneSegNet.reconstruct.compute_masks` needs working memory of tens of bytes per
+:func:`GeneSegNet.dynamics.reconstruct.compute_masks` needs working memory of tens of bytes per
 pixel; over a whole slide that is too much. :func:`reconstruct_blockwise` covers the
 image with non-overlapping core blocks and, for each, runs ``compute_masks`` on the
 core grown by a ``halo`` on every side. Of the cells found there it keeps those whose
@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from GeneSegNet.reconstruct import compute_masks
+from GeneSegNet.dynamics.reconstruct import compute_masks
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def reconstruct_blockwise(
     block_size : core block edge in pixels.
     halo : pixels added on each side of a core block (about two cell diameters).
     niter, confidence_threshold, flow_threshold, min_size, y_only_movers, device :
-        as :func:`GeneSegNet.reconstruct.compute_masks`.
+        as :func:`GeneSegNet.dynamics.reconstruct.compute_masks`.
     progress : show a progress bar over blocks.
 
     Returns

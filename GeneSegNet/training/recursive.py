@@ -43,25 +43,25 @@ import numpy as np
 import torch
 
 import GeneSegNet
-from GeneSegNet.checkpoint import load_checkpoint
-from GeneSegNet.dataset import Crop, label_folder_for_round, load_dataset, sample_folders
+from GeneSegNet.data.dataset import Crop, label_folder_for_round, load_dataset, sample_folders
+from GeneSegNet.dynamics.flow_targets import FlowTargetCache
+from GeneSegNet.dynamics.masks import fill_holes_and_remove_small_masks, renumber
 from GeneSegNet.errors import InputError
-from GeneSegNet.evaluate import OutputOptions, evaluate_dataset
-from GeneSegNet.flow_targets import FlowTargetCache
+from GeneSegNet.evaluation.test_pass import OutputOptions, evaluate_dataset
 from GeneSegNet.io import staged_directory, write_label
 from GeneSegNet.io.records import write_json
-from GeneSegNet.masks import fill_holes_and_remove_small_masks, renumber
-from GeneSegNet.net import NetConfig
-from GeneSegNet.predict import EvalConfig, predict_crop
-from GeneSegNet.refine import METHODS as REFINE_METHODS
-from GeneSegNet.refine import refine_labels
-from GeneSegNet.train import (
+from GeneSegNet.model.checkpoint import load_checkpoint
+from GeneSegNet.model.net import NetConfig
+from GeneSegNet.model.predict import EvalConfig, predict_crop
+from GeneSegNet.training.loop import (
     TrainConfig,
     TrainResult,
     model_name_for,
     pretrained_weights,
     train_network,
 )
+from GeneSegNet.training.refine import METHODS as REFINE_METHODS
+from GeneSegNet.training.refine import refine_labels
 
 logger = logging.getLogger(__name__)
 
@@ -507,7 +507,7 @@ def _run_round(
 
 
 def _test_round(rc, n, net, meta, eval_config, run_id, model, device, progress, run_dir):
-    from GeneSegNet.evaluate import format_metrics
+    from GeneSegNet.evaluation.test_pass import format_metrics
 
     out = _test_output(rc, run_dir, n)
     result = evaluate_dataset(

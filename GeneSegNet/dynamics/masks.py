@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure
 
-from GeneSegNet import cpu_kernels
+from GeneSegNet.dynamics import kernels
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
     takes over whatever lay in it (as upstream, which works in place). ``min_size <= 0``
     keeps every cell. Holes are the pixels of the box not 4-connected to its border
     through non-cell pixels (``binary_fill_holes``' definition); the loop is compiled
-    (:func:`GeneSegNet.cpu_kernels.fill_holes_and_filter`).
+    (:func:`GeneSegNet.dynamics.kernels.fill_holes_and_filter`).
 
     Parameters
     ----------
@@ -140,9 +140,9 @@ def fill_holes_and_remove_small_masks(masks: np.ndarray, min_size: int = 15) -> 
         Labels 1..K, ordered like the surviving input ids.
     """
     out = _as_labels(masks).astype(np.int32, copy=True)
-    # Compiled (cpu_kernels): new ids never exceed the old id being visited, so no
+    # Compiled (kernels): new ids never exceed the old id being visited, so no
     # unvisited cell is hit.
-    new_id = cpu_kernels.fill_holes_and_filter(out, bounding_boxes(out), int(min_size))
+    new_id = kernels.fill_holes_and_filter(out, bounding_boxes(out), int(min_size))
     # A cell swallowed by a later cell's hole filling leaves a gap in the numbering.
     if (np.bincount(out.ravel(), minlength=new_id + 1)[1:] == 0).any():
         out = renumber(out)

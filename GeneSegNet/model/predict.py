@@ -5,7 +5,7 @@ One crop goes through: per-channel normalisation (the spot heatmap, last channel
 multiple of 16 plus 8 px per side, 224-px tiles with ~10 % overlap run in batches,
 taper-weighted blending, removal of the padding and a bilinear resize back to the crop
 size (flow magnitudes are not rescaled). Masks come from
-:func:`GeneSegNet.reconstruct.compute_masks`.
+:func:`GeneSegNet.dynamics.reconstruct.compute_masks`.
 
 The network is passed in, already loaded: weights are read once per run, never per
 image (upstream re-read them from disk for every image, spec §12 item 5).
@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from GeneSegNet.dataset import Crop, network_input
-from GeneSegNet.masks import renumber
-from GeneSegNet.reconstruct import compute_masks
-from GeneSegNet.tiling import blend_tiles, make_tiles
-from GeneSegNet.transforms import normalize_channels, pad_to_multiple, resize_image
+from GeneSegNet.data.dataset import Crop, network_input
+from GeneSegNet.data.transforms import normalize_channels, pad_to_multiple, resize_image
+from GeneSegNet.dynamics.masks import renumber
+from GeneSegNet.dynamics.reconstruct import compute_masks
+from GeneSegNet.model.tiling import blend_tiles, make_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def prepare_input(crop_or_input: Crop | np.ndarray, cfg: EvalConfig) -> np.ndarr
     """Network input of a crop: [C, H, W] float32, normalised per ``cfg`` (heatmap last).
 
     ``crop_or_input`` is a :class:`Crop` or an unnormalised [C, H, W] array as returned
-    by :func:`GeneSegNet.dataset.network_input`.
+    by :func:`GeneSegNet.data.dataset.network_input`.
     """
     raw = network_input(crop_or_input) if isinstance(crop_or_input, Crop) else crop_or_input
     raw = np.asarray(raw)
@@ -234,7 +234,7 @@ def predict_crop(
     crop_or_input : a :class:`Crop`, or an unnormalised [C, H, W] array (heatmap last).
     cfg : evaluation settings.
     diam_mean, diam_labels : the checkpoint's diameters in pixels (``meta`` of
-        :func:`GeneSegNet.checkpoint.load_checkpoint`).
+        :func:`GeneSegNet.model.checkpoint.load_checkpoint`).
     device : device of the network pass and of flow following.
 
     Returns

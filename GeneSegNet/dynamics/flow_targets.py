@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from GeneSegNet import cpu_kernels
 from GeneSegNet.device import as_device
+from GeneSegNet.dynamics import kernels
+from GeneSegNet.dynamics.masks import bounding_boxes, compact_labels, renumber
 from GeneSegNet.io.atomic import atomic_path
-from GeneSegNet.masks import bounding_boxes, compact_labels, renumber
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _geometry(compact: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     boxes = bounding_boxes(compact)
     if boxes.shape[0] == 0:
         return boxes, np.zeros((0, 2), np.int64), 0
-    centers = cpu_kernels.cell_centers(compact, boxes)
+    centers = kernels.cell_centers(compact, boxes)
     extents = (boxes[:, 1] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 2])
     return boxes, centers, int(2 * (extents + 2).max())
 
@@ -134,7 +134,7 @@ def _diffuse(lab: torch.Tensor, centers: torch.Tensor, n_iter: int,
 
     ``lab`` is the padded label crop (int64 [h,w], ids 1..K, zero outer ring);
     ``centers`` the flat indices of the centers into it. On the CPU a compiled kernel
-    diffuses one cell at a time (:func:`GeneSegNet.cpu_kernels.diffuse_cells`); elsewhere
+    diffuses one cell at a time (:func:`GeneSegNet.dynamics.kernels.diffuse_cells`); elsewhere
     torch sweeps the whole crop (:func:`_diffuse_torch`). Both add the same terms in the
     same order, so they agree bit for bit.
     """
@@ -159,11 +159,11 @@ def _diffuse_cpu(lab: np.ndarray, centers: np.ndarray, n_iter: int,
 
     def work(start: int, stop: int) -> None:
         # Ids are 1..K: cell start + i of this slice has id start + i + 1.
-        cpu_kernels.diffuse_cells(
+        kernels.diffuse_cells(
             lab, boxes[start:stop], centers_2d[start:stop], n_iter, field, start
         )
 
-    cpu_kernels.run_in_threads(work, len(boxes), _CELLS_PER_TASK)
+    kernels.run_in_threads(work, len(boxes), _CELLS_PER_TASK)
     return field
 
 

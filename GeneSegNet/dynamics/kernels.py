@@ -7,11 +7,11 @@ floating-point operations, in the same order, a few hundred pixels or one cell a
 time with the working set in cache:
 
 - :func:`follow_positions` is flow following
-  (:func:`GeneSegNet.reconstruct.follow_flows`), with exact cycle retirement;
+  (:func:`GeneSegNet.dynamics.reconstruct.follow_flows`), with exact cycle retirement;
 - :func:`diffuse_cells` is the label-restricted 9-point diffusion of
-  :mod:`GeneSegNet.flow_targets`, one cell at a time inside its own bounding box;
+  :mod:`GeneSegNet.dynamics.flow_targets`, one cell at a time inside its own bounding box;
 - :func:`cell_centers` and :func:`fill_holes_and_filter` are the per-cell loops of
-  flow targets and of :func:`GeneSegNet.masks.fill_holes_and_remove_small_masks`.
+  flow targets and of :func:`GeneSegNet.dynamics.masks.fill_holes_and_remove_small_masks`.
 
 The first two are bit-identical to the torch code they replace on the CPU (tests
 compare them bit for bit); the torch code remains the implementation on CUDA. numba
@@ -222,7 +222,7 @@ def diffuse_cells(
     ``acc(p) = (rows(p) + rows(up)) + rows(down)`` over neighbours of the same label,
     plus, in the order NW, NE, SW, SE, each same-label diagonal whose vertical neighbour
     has another label; ``T(p) = acc(p) / 9``. This is the summation order of the torch
-    implementation in :mod:`GeneSegNet.flow_targets`, so the results are bit-identical.
+    implementation in :mod:`GeneSegNet.dynamics.flow_targets`, so the results are bit-identical.
     Neighbours are switched on and off by 0/1 weights (exact products), which keeps the
     inner loops free of branches.
     """

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 from GeneSegNet.errors import InputError
+from GeneSegNet.evaluation.metrics import match, threshold_key, transcript_assignment_accuracy
 from GeneSegNet.io import LABEL_EXTENSIONS, index_by_sample, list_files, read_label
 from GeneSegNet.mapping import LABEL_PREFIXES, LABEL_SUFFIXES
-from GeneSegNet.metrics import match, threshold_key, transcript_assignment_accuracy
 
 logger = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ Global mode (default; no seams):
   training ("fixed"), or normalised by image-wide percentiles ("percentile");
 - each window is resized by the model's factor ``diam_mean / diameter`` (to a multiple
   of the network's size multiple), run in batches of ``batch_size`` windows, resized
-  back and blended with the taper weights of :func:`GeneSegNet.tiling.taper_mask`;
+  back and blended with the taper weights of :func:`GeneSegNet.model.tiling.taper_mask`;
   the default overlap is twice the cell diameter;
 - around the image the network sees zeros (image and heatmap), 8 network pixels
-  wide, as in the per-crop pass (:func:`GeneSegNet.predict.run_network`), so the image
+  wide, as in the per-crop pass (:func:`GeneSegNet.model.predict.run_network`), so the image
   edge is handled as by ``GeneSeg_test.py``.
 
 Window-local mode (``window_local=True``; upstream behaviour): each window's heatmap is
 rendered from the spots inside that window only; each window is normalised on its own
-and passed through :func:`GeneSegNet.predict.run_network` (resize, padding, 224-px tiles);
+and passed through :func:`GeneSegNet.model.predict.run_network` (resize, padding, 224-px tiles);
 the stride is ``int(max(window - 16, 0.75 * window))`` (240 for 256-px windows) and
 overlapping outputs are averaged uniformly.
 """
@@ -40,11 +40,11 @@ import numpy as np
 from torch import nn
 from tqdm import tqdm
 
-from GeneSegNet.heatmap import cutoff_radius, heatmap_to_uint8, render_heatmap
-from GeneSegNet.predict import forward_tiles, prepare_input, run_network
-from GeneSegNet.slide_plan import SlideConfig, WindowPlan, plan_windows
-from GeneSegNet.tiling import TiledAccumulator, taper_mask
-from GeneSegNet.transforms import resize_image
+from GeneSegNet.data.heatmap import cutoff_radius, heatmap_to_uint8, render_heatmap
+from GeneSegNet.data.transforms import resize_image
+from GeneSegNet.model.predict import forward_tiles, prepare_input, run_network
+from GeneSegNet.model.tiling import TiledAccumulator, taper_mask
+from GeneSegNet.slide.plan import SlideConfig, WindowPlan, plan_windows
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Upstream semantics kept: AdamW (β 0.9/0.999, eps 1e-8, decoupled weight decay), the
 per-epoch schedule of :func:`learning_rate_schedule`, loss = MSE(flows, 5·target flows) +
 BCE-with-logits(cell probability), images rescaled by their label diameter and augmented
-with :func:`GeneSegNet.augment.random_rotate_and_resize` into ``tile × tile`` patches,
+with :func:`GeneSegNet.training.augment.random_rotate_and_resize` into ``tile × tile`` patches,
 validation loss at epochs ``e % 10 == 0`` or ``e == 5`` (scale range 0, seed 42).
 
 Changes (spec §12 items 30, 31, 38): every random draw comes from explicit generators —
@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from GeneSegNet.checkpoint import load_checkpoint, save_checkpoint
-from GeneSegNet.dataset import Crop, network_input
+from GeneSegNet.data.dataset import Crop, network_input
 from GeneSegNet.device import as_device
+from GeneSegNet.dynamics.flow_targets import FlowTargetCache
 from GeneSegNet.errors import InputError
-from GeneSegNet.flow_targets import FlowTargetCache
-from GeneSegNet.net import GeneSegUNet, NetConfig
-from GeneSegNet.train_data import (
+from GeneSegNet.model.checkpoint import load_checkpoint, save_checkpoint
+from GeneSegNet.model.net import GeneSegUNet, NetConfig
+from GeneSegNet.training.batches import (
     PatchBatches,
     TrainData,
     data_fingerprint,

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from GeneSegNet.data.heatmap import DEFAULT_SIGMA, heatmap_to_uint8, render_heatmap
 from GeneSegNet.errors import InputError
-from GeneSegNet.heatmap import DEFAULT_SIGMA, heatmap_to_uint8, render_heatmap
 from GeneSegNet.io import (
     IMAGE_EXTENSIONS,
     LABEL_EXTENSIONS,

@@ -1,7 +1,8 @@
 """Image transforms shared by training and inference: normalise, resize, pad.
 
 Arrays are channel-first ``[C, H, W]`` (rows = y, columns = x) unless stated otherwise.
-Random augmentation lives in :mod:`GeneSegNet.augment`, tiling in :mod:`GeneSegNet.tiling`.
+Random augmentation lives in :mod:`GeneSegNet.training.augment`, tiling in
+:mod:`GeneSegNet.model.tiling`.
 """
 
 from __future__ import annotations

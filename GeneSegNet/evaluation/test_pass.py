@@ -34,14 +34,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from GeneSegNet.dataset import HEATMAP_SUBDIR, REFINED_LABEL_DIR, Crop, load_sample_folder
-from GeneSegNet.dataset import sample_folders as list_sample_folders
+from GeneSegNet.data.dataset import HEATMAP_SUBDIR, REFINED_LABEL_DIR, Crop, load_sample_folder
+from GeneSegNet.data.dataset import sample_folders as list_sample_folders
+from GeneSegNet.dynamics.masks import outlines_list, remove_edge_masks, size_shape_filter
 from GeneSegNet.errors import InputError
-from GeneSegNet.figures import comparison_figure, draw_outlines, flow_rgb
-from GeneSegNet.io import atomic_path, write_image, write_label
-from GeneSegNet.io.records import write_json
-from GeneSegNet.masks import outlines_list, remove_edge_masks, size_shape_filter
-from GeneSegNet.metrics import (
+from GeneSegNet.evaluation.metrics import (
     DEFAULT_THRESHOLDS,
     aggregated_jaccard_index,
     gene_iou,
@@ -49,7 +46,10 @@ from GeneSegNet.metrics import (
     per_cell_best_iou,
     threshold_key,
 )
-from GeneSegNet.predict import EvalConfig, Prediction, predict_crop
+from GeneSegNet.figures import comparison_figure, draw_outlines, flow_rgb
+from GeneSegNet.io import atomic_path, write_image, write_label
+from GeneSegNet.io.records import write_json
+from GeneSegNet.model.predict import EvalConfig, Prediction, predict_crop
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def evaluate_dataset(
 
     Parameters
     ----------
-    net, meta : network and metadata from :func:`GeneSegNet.checkpoint.load_checkpoint`
+    net, meta : network and metadata from :func:`GeneSegNet.model.checkpoint.load_checkpoint`
         (``meta["diam_mean"]``, ``meta["diam_labels"]`` in pixels).
     test_dir : dataset root of sample folders (labels read from ``labels/`` only).
     cfg : network-pass and mask settings.

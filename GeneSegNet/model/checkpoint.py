@@ -28,7 +28,7 @@ import torch
 
 import GeneSegNet
 from GeneSegNet.errors import InputError
-from GeneSegNet.net import GeneSegUNet, NetConfig
+from GeneSegNet.model.net import GeneSegUNet, NetConfig
 
 logger = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from GeneSegNet.augment import random_rotate_and_resize
-from GeneSegNet.dataset import Crop, network_input
+from GeneSegNet.data.dataset import Crop, network_input
+from GeneSegNet.data.transforms import normalize_channels
+from GeneSegNet.dynamics.flow_targets import FlowTargetCache, compute_flow_targets
+from GeneSegNet.dynamics.masks import diameters
 from GeneSegNet.errors import InputError
-from GeneSegNet.flow_targets import FlowTargetCache, compute_flow_targets
-from GeneSegNet.masks import diameters
-from GeneSegNet.transforms import normalize_channels
+from GeneSegNet.training.augment import random_rotate_and_resize
 
 if TYPE_CHECKING:
-    from GeneSegNet.train import TrainConfig
+    from GeneSegNet.training.loop import TrainConfig
 
 logger = logging.getLogger(__name__)
 

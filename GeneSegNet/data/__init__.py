@@ -1,0 +1,1 @@
+"""Model inputs: heatmaps, transforms, training crops, the crop loader and the simulator."""

@@ -1,0 +1,1 @@
+"""Flows: training targets from labels, and masks from predicted flows."""

@@ -1,0 +1,1 @@
+"""Scores: segmentation metrics, the test pass, and scores against truth."""

@@ -1,0 +1,1 @@
+"""The network, its checkpoints, and the network pass on crops (tiles, blending)."""

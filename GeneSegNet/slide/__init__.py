@@ -1,0 +1,1 @@
+"""Whole-slide inference: window plan, window pass, block-wise masks, files."""

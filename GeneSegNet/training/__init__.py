@@ -1,0 +1,1 @@
+"""Training: configuration, batches, loop, recursive rounds and label refinement."""
