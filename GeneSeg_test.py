@@ -17,10 +17,11 @@ import logging
 import sys
 
 from GeneSegNet.cli import run_reporting_errors
-from GeneSegNet.cli_args import add_common_args, check_unsupported
+from GeneSegNet.cli.args import add_common_args
+from GeneSegNet.cli.upstream import check_unsupported
 from GeneSegNet.log import setup_logging
 
-logger = logging.getLogger("GeneSegNet.GeneSeg_test")
+logger = logging.getLogger("GeneSegNet.scripts.GeneSeg_test")
 
 LOG_NAME = "GeneSeg_test.log"
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         import GeneSegNet
-        from GeneSegNet.cli_args import eval_config_from_args, output_options_from_args
+        from GeneSegNet.cli.args import eval_config_from_args, output_options_from_args
         from GeneSegNet.device import get_device
         from GeneSegNet.errors import InputError
         from GeneSegNet.evaluation.test_pass import evaluate_dataset, format_metrics
@@ -91,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("test folder not found", args.test_dir)
         out_root = args.savedir if args.savedir is not None else args.test_dir
         setup_logging(args.verbose, log_file=out_root / LOG_NAME)
-        cfg = eval_config_from_args(args)
         output = output_options_from_args(args)
         device = get_device(args.use_gpu, args.gpu_device)
         logger.info("GeneSegNet %s, GeneSeg_test.py, device %s", GeneSegNet.__version__, device)
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         net, meta = load_checkpoint(args.pretrained_model, device, expect_nchan=args.chan)
         for note in _architecture_notes(args, meta):
             logger.warning("%s", note)
+        cfg = eval_config_from_args(args, meta.get("train_config"))
         logger.info(
             "model %s: diam_mean %.3g, diam_labels %.3g",
             args.pretrained_model,

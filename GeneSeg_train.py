@@ -23,10 +23,11 @@ import sys
 from pathlib import Path
 
 from GeneSegNet.cli import run_reporting_errors
-from GeneSegNet.cli_args import add_common_args, check_unsupported, optional_path
+from GeneSegNet.cli.args import add_common_args, optional_path
+from GeneSegNet.cli.upstream import check_unsupported
 from GeneSegNet.log import setup_logging
 
-logger = logging.getLogger("GeneSegNet.GeneSeg_train")
+logger = logging.getLogger("GeneSegNet.scripts.GeneSeg_train")
 
 LOG_NAME = "GeneSeg_train.log"
 
@@ -74,11 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configs(args: argparse.Namespace):
-    from GeneSegNet.cli_args import eval_config_from_args, output_options_from_args
+    from GeneSegNet.cli.args import eval_config_from_args, output_options_from_args
     from GeneSegNet.errors import InputError
     from GeneSegNet.model.net import NetConfig
-    from GeneSegNet.training.loop import TrainConfig
-    from GeneSegNet.training.recursive import RecursiveConfig
+    from GeneSegNet.training.config import RecursiveConfig, TrainConfig
 
     try:
         net = NetConfig(nchan=args.chan, residual_on=bool(args.residual_on),
@@ -86,11 +86,12 @@ def _configs(args: argparse.Namespace):
                         diam_mean=args.diam_mean,
                         **({"nbase": tuple(args.nbase)} if args.nbase else {}))  # fmt: skip
         train = TrainConfig(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                            n_epochs=args.n_epochs, batch_size=args.batch_size or 8,
+                            n_epochs=args.n_epochs,
+                            batch_size=args.batch_size or TrainConfig.batch_size,
                             min_train_masks=args.min_train_masks, save_every=args.save_every,
                             save_each=args.save_each, seed=args.seed, tile=args.train_tile_size,
-                            heatmap_mode=args.heatmap_norm or "fixed", bf16=args.bf16,
-                            num_workers=args.num_workers)  # fmt: skip
+                            heatmap_mode=args.heatmap_norm or TrainConfig.heatmap_mode,
+                            bf16=args.bf16, num_workers=args.num_workers)  # fmt: skip
     except ValueError as exc:
         raise InputError(f"bad settings: {exc}") from None
     recursive = RecursiveConfig(
@@ -104,7 +105,8 @@ def _configs(args: argparse.Namespace):
         select_model=args.select_model, exclude_on_edges=args.exclude_on_edges,
         size_filter=args.size_filter, output=output_options_from_args(args),
     )  # fmt: skip
-    return net, train, eval_config_from_args(args), recursive
+    # the test passes and relabelling see heatmaps scaled as in training
+    return net, train, eval_config_from_args(args, train.to_dict()), recursive
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,10 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume, flow_cache_dir=args.flow_cache_dir, progress=True,
             run_info={"argv": list(sys.argv[1:] if argv is None else argv)},
         )  # fmt: skip
-        last = manifest["rounds"][-1]
         logger.info("finished %d round(s); final model %s; run record %s",
-                    len(manifest["rounds"]), last["model_used"],
-                    args.save_model_dir / f"run_{manifest['run_id']}.json")  # fmt: skip
+                    len(manifest.rounds), manifest.rounds[-1].model_used,
+                    args.save_model_dir / manifest.file_name)  # fmt: skip
         return 0
 
     return run_reporting_errors(run)

@@ -11,7 +11,7 @@ from pathlib import Path
 from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
 from GeneSegNet.log import setup_logging
 
-logger = logging.getLogger("GeneSegNet.truth")
+logger = logging.getLogger("GeneSegNet.scripts.compare_to_truth")
 
 
 def build_parser() -> argparse.ArgumentParser:

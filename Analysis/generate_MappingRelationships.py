@@ -18,7 +18,7 @@ from pathlib import Path
 from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
 from GeneSegNet.log import setup_logging
 
-logger = logging.getLogger("GeneSegNet.mapping")
+logger = logging.getLogger("GeneSegNet.scripts.generate_MappingRelationships")
 
 
 def build_parser() -> argparse.ArgumentParser:

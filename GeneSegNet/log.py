@@ -1,4 +1,10 @@
-"""Logging set-up for the command-line scripts (the package itself never configures it)."""
+"""Logging set-up for the command-line scripts (the package itself never configures it).
+
+``verbose`` means this project's debug messages only: the ``GeneSegNet`` logger tree (the
+package modules, and the scripts, which log as ``GeneSegNet.scripts.<script_stem>``) is set
+to DEBUG while the root logger, and so every third-party logger (numba's compiler would
+otherwise print thousands of lines of IR), stays at INFO/WARNING.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,13 @@ from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _OWN_HANDLER = "_genesegnet_handler"
+PROJECT_LOGGER = "GeneSegNet"
+# Third-party loggers known to be chatty at INFO; pinned to WARNING.
+QUIET_LOGGERS = ("numba", "matplotlib", "PIL", "fsspec", "urllib3")
 
 
 def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> None:
-    """Log INFO (DEBUG with ``verbose``) to stderr and, optionally, append to ``log_file``.
+    """Log INFO (project DEBUG with ``verbose``) to stderr and, optionally, to ``log_file``.
 
     Only handlers installed by an earlier call are replaced, so calling it again (for
     example when scripts call each other, or under pytest) neither duplicates lines nor
@@ -30,4 +39,7 @@ def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> 
         setattr(handler, _OWN_HANDLER, True)
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.INFO)
+    logging.getLogger(PROJECT_LOGGER).setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,10 +1,10 @@
 """Assign transcripts to cells by one vectorised lookup into a label image.
 
-A spot at (x, y) lies in pixel (row, col) = (floor(y), floor(x)); for the non-negative
-coordinates of a valid spot this equals upstream's ``int(float())`` truncation. Spots
-with a non-finite coordinate, or outside the image (x < 0, y < 0, x ≥ W or y ≥ H), are
-never wrapped around: they are counted and either written with cell id 0 (background,
-the default) or dropped.
+A spot at (x, y) lies in pixel (row, col) = (floor(y), floor(x)) and is inside the
+image iff 0 <= x < W and 0 <= y < H (:func:`GeneSegNet.io.spots.spot_pixels`, the rule the
+heatmaps use too); for inside spots this equals upstream's ``int(float())`` truncation.
+Spots with a non-finite coordinate, or outside the image, are never wrapped around: they
+are counted and either written with cell id 0 (background, the default) or dropped.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 
 from GeneSegNet.errors import InputError
+from GeneSegNet.io.layout import RAW_LABEL_PREFIXES, RAW_LABEL_SUFFIXES, RAW_SPOT_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
 OUT_OF_BOUNDS_POLICIES = ("background", "drop")
-MAPPING_COLUMNS = ("cell_id", "spotX", "spotY", "gene")
 
 
 @dataclass
@@ -57,15 +57,13 @@ def lookup_cell_ids(labels: np.ndarray, x: np.ndarray, y: np.ndarray
     finite : (N,) bool, coordinates are finite numbers.
     inside : (N,) bool, finite and inside the image.
     """
+    from GeneSegNet.io.spots import spot_pixels
+
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    height, width = labels.shape
     finite = np.isfinite(x) & np.isfinite(y)
-    with np.errstate(invalid="ignore"):
-        inside = finite & (x >= 0) & (y >= 0) & (x < width) & (y < height)
+    rows, cols, inside = spot_pixels(x, y, labels.shape)
     cell_ids = np.zeros(x.shape, dtype=np.int64)
-    rows = y[inside].astype(np.int64)  # floor == trunc for non-negative values
-    cols = x[inside].astype(np.int64)
     cell_ids[inside] = labels[rows, cols]
     return cell_ids, finite, inside
 
@@ -138,9 +136,11 @@ def cell_by_gene_counts(labels: np.ndarray, cell_ids: np.ndarray, genes: np.ndar
     return frame
 
 
-LABEL_PREFIXES = ("label_",)
-LABEL_SUFFIXES = ("_label", "_labels", "_masks", "_mask", "_cp_masks")
-SPOT_SUFFIXES = ("_spots", "_spot")
+# Raw label/spot affixes accepted when pairing by sample name: one list, shared with
+# preprocessing (GeneSegNet.io.layout).
+LABEL_PREFIXES = RAW_LABEL_PREFIXES
+LABEL_SUFFIXES = RAW_LABEL_SUFFIXES
+SPOT_SUFFIXES = RAW_SPOT_SUFFIXES
 
 
 def map_dataset(label_dir: str | Path, spot_dir: str | Path, save_dir: str | Path, *,

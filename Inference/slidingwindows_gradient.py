@@ -21,9 +21,10 @@ import sys
 from pathlib import Path
 
 from GeneSegNet.cli import add_device_args, add_verbose_arg, run_reporting_errors
+from GeneSegNet.cli.args import add_mask_args, add_network_pass_args
 from GeneSegNet.log import setup_logging
 
-logger = logging.getLogger("GeneSegNet.slidingwindows")
+logger = logging.getLogger("GeneSegNet.scripts.slidingwindows_gradient")
 
 LOG_NAME = "slidingwindows_gradient.log"
 CONFIG_NAME = "slidingwindows_gradient_config.json"
@@ -50,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="window overlap (px); default twice the cell diameter (--window_local: upstream's 16)",
     )
-    win.add_argument(
-        "--batch_size", type=int, default=None, help="windows per forward pass (default 8)"
-    )
+    add_network_pass_args(win, batch_help="windows per forward pass")
     win.add_argument(
         "--window_local",
         action="store_true",
@@ -66,33 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="storage of the blended flows and probabilities",
     )
     win.add_argument(
-        "--heatmap_norm",
-        choices=("fixed", "percentile"),
-        default=None,
-        help="heatmap scaling (default: the model's training setting, else fixed)",
-    )
-    win.add_argument(
         "--spot_scale",
         type=float,
         default=1.0,
         help="pixels per spot-coordinate unit (e.g. 4.706 for Xenium microns)",
     )
     masks = parser.add_argument_group("masks")
-    masks.add_argument(
-        "--diameter",
-        type=float,
-        default=None,
-        help="cell diameter (px); 0 = the model's (default 32)",
-    )
-    masks.add_argument("--flow_threshold", type=float, default=None, help="(default 0.4)")
-    masks.add_argument(
-        "--confidence_threshold",
-        type=float,
-        default=None,
-        help="cell-probability logit threshold (default 0.0)",
-    )
-    masks.add_argument("--min_size", type=int, default=None, help="min cell area px (default 15)")
-    masks.add_argument("--niter", type=int, default=None, help="flow steps (default 200)")
+    add_mask_args(masks)
     masks.add_argument(
         "--block_size",
         type=int,
@@ -130,23 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(args: argparse.Namespace, meta: dict):
+    from GeneSegNet.cli.args import eval_config_from_args
     from GeneSegNet.errors import InputError
-    from GeneSegNet.model.predict import EvalConfig
     from GeneSegNet.slide.pipeline import SlideRunConfig
     from GeneSegNet.slide.plan import SlideConfig
 
-    heatmap_mode = args.heatmap_norm or (meta.get("train_config") or {}).get("heatmap_mode")
-    given = {
-        "diameter": args.diameter,
-        "batch_size": args.batch_size,
-        "flow_threshold": args.flow_threshold,
-        "niter": args.niter,
-        "confidence_threshold": args.confidence_threshold,
-        "min_size": args.min_size,
-        "heatmap_mode": heatmap_mode,
-    }
+    evaluation = eval_config_from_args(args, meta.get("train_config"))
     try:
-        evaluation = EvalConfig(**{k: v for k, v in given.items() if v is not None})
         slide = SlideConfig(
             window=args.window,
             overlap=args.overlap,

@@ -17,7 +17,7 @@ from pathlib import Path
 from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
 from GeneSegNet.log import setup_logging
 
-logger = logging.getLogger("GeneSegNet.preprocess")
+logger = logging.getLogger("GeneSegNet.scripts.Generate_Image_Label_locationMap")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,10 +59,12 @@ def test_crop_contents_match_independent_computation(tmp_path, rng, context):
         label_files = list((folder / "labels").glob(f"{i}_label.*"))
         np.testing.assert_array_equal(read_label(label_files[0]),
                                       sample.labels[r0:r0 + 32, c0:c0 + 32])
-        # spots: upstream's int(float()) truncation, then the half-open crop window
-        inside = [(int(x) - c0, int(y) - r0, g) for x, y, g in zip(xi, yi, sample.spots.gene,
-                                                                   strict=True)
-                  if c0 <= int(x) < c0 + 32 and r0 <= int(y) < r0 + 32]
+        # spots: pixel (floor(y), floor(x)) (= upstream's int(float()) inside the image;
+        # x = -0.5 is outside, not column 0), then the half-open crop window
+        inside = [(fx - c0, fy - r0, g) for fx, fy, g in zip(np.floor(xi).astype(int).tolist(),
+                                                           np.floor(yi).astype(int).tolist(),
+                                                           sample.spots.gene, strict=True)
+                  if c0 <= fx < c0 + 32 and r0 <= fy < r0 + 32]
         table = pd.read_csv(folder / "spots" / f"{i}_spot.csv")
         assert list(table.columns) == ["spotX", "spotY", "gene"]
         assert list(table.itertuples(index=False, name=None)) == inside
@@ -71,7 +73,10 @@ def test_crop_contents_match_independent_computation(tmp_path, rng, context):
         if context == "crop":
             expected = brute_force([s[1] for s in inside], [s[0] for s in inside], (32, 32), 3.0)
         else:
-            all_r, all_c = np.trunc(yi).astype(int) - r0, np.trunc(xi).astype(int) - c0
+            # every spot inside the image counts (those outside it do not, as at inference)
+            in_image = (xi >= 0) & (xi < 90) & (yi >= 0) & (yi < 70)
+            all_r = np.floor(yi[in_image]).astype(int) - r0
+            all_c = np.floor(xi[in_image]).astype(int) - c0
             expected = brute_force(all_r, all_c, (32, 32), 3.0)
         np.testing.assert_array_equal(heat, heatmap_to_uint8(expected))
         incell = [s for s in inside if sample.labels[s[1] + r0, s[0] + c0] != 0]

@@ -7,13 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from GeneSegNet.data.dataset import (
-    label_folder_for_round,
-    load_dataset,
-    load_sample_folder,
-    network_input,
-)
+from GeneSegNet.data.dataset import load_dataset, load_sample_folder, network_input
 from GeneSegNet.errors import InputError
+from GeneSegNet.io.layout import label_folder_for_round
 
 
 def _write_crop(folder, key, rng, size=(24, 32), with_label=True, label_dir="labels", value=1):

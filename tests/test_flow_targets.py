@@ -10,6 +10,7 @@ import torch
 
 import GeneSegNet.dynamics.flow_targets as ft
 from GeneSegNet.dynamics.flow_targets import (
+    FLOW_TARGET_MODES,
     FlowTargetCache,
     compute_flow_targets,
     label_key,
@@ -22,8 +23,13 @@ from GeneSegNet.dynamics.masks import compact_labels, renumber
 NEIGHBOURS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1)]
 
 
-def reference_flows(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def reference_flows(
+    masks: np.ndarray, mode: str = "isolated"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Spec 4.1 GPU variant, one cell and one pixel at a time (tiny masks only).
+
+    ``mode="upstream"`` takes the gradient on raw neighbours (spec 4.1); ``"isolated"``
+    reads a neighbour of another label as 0.
 
     Returns the float64 unit flows [2,H,W], the raw gradient norm [H,W] and the largest
     |ln(1+T)| of the four neighbours used for it [H,W] (its rounding scale).
@@ -68,8 +74,10 @@ def reference_flows(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                         total += field[y + dy][x + dx]
                 new[y][x] = total / 9
         field = new
-    logt = np.log(1.0 + np.array(field))
+    full = np.log(1.0 + np.array(field))
     for cell in cells:
+        # The log field as the gradient of this cell sees it.
+        logt = full if mode == "upstream" else np.where(np.array(pad) == cell, full, 0.0)
         for y, x in pixels[cell]:
             d_y = logt[y + 1, x] - logt[y - 1, x]
             d_x = logt[y, x + 1] - logt[y, x - 1]
@@ -83,11 +91,19 @@ def reference_flows(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return flows, raw_norm, scale
 
 
-def assert_matches_reference(masks: np.ndarray, max_undefined: int = 2) -> np.ndarray:
-    """Compare masks_to_flows with the reference; return our flows."""
-    ours = masks_to_flows(masks)
+def assert_matches_reference(
+    masks: np.ndarray, max_undefined: int = 2, modes: tuple[str, ...] = FLOW_TARGET_MODES
+) -> np.ndarray:
+    """Compare masks_to_flows with the reference in each mode; return our default flows."""
+    for mode in modes[::-1]:  # the default mode ("isolated") last
+        ours = _assert_mode_matches_reference(masks, max_undefined, mode)
+    return ours
+
+
+def _assert_mode_matches_reference(masks: np.ndarray, max_undefined: int, mode: str):
+    ours = masks_to_flows(masks, mode=mode)
     assert ours.shape == (2, *masks.shape) and ours.dtype == np.float32
-    ref, raw_norm, scale = reference_flows(masks)
+    ref, raw_norm, scale = reference_flows(masks, mode)
     # Where the raw gradient is zero up to rounding of the values it is taken from, its
     # direction is undefined (a 1-ulp difference may flip it): compare elsewhere only.
     defined = raw_norm > 1e-9 * scale
@@ -128,15 +144,36 @@ def test_touching_cells_match_reference():
     masks[1:11, 7:13] = 2  # shares a long edge with cell 1
     masks[4:8, 5:9] = 3  # overlaps both: touches them on three sides
     ours = assert_matches_reference(masks)
-    # Leakage (as upstream): cell 1 alone has the same diffusion (same pixels, same
-    # n_iter), so its flows change only where a 4-neighbour belongs to another cell.
+    # Cell 1 alone has the same diffusion (same pixels, same n_iter). Isolated targets
+    # (the default) are exactly those of the cell alone; upstream's differ where a
+    # 4-neighbour belongs to another cell (leakage).
     alone = masks_to_flows(np.where(masks == 1, 1, 0))
+    cell = masks == 1
+    np.testing.assert_array_equal(ours[:, cell], alone[:, cell])
+    upstream = masks_to_flows(masks, mode="upstream")
     padded = np.pad(masks, 1)
     others = [padded[2:, 1:-1], padded[:-2, 1:-1], padded[1:-1, 2:], padded[1:-1, :-2]]
-    at_contact = (masks == 1) & np.any([(o != 0) & (o != 1) for o in others], axis=0)
-    inside = (masks == 1) & ~at_contact
-    np.testing.assert_array_equal(ours[:, inside], alone[:, inside])
-    assert np.abs(ours[:, at_contact] - alone[:, at_contact]).max() > 0.1
+    at_contact = cell & np.any([(o != 0) & (o != 1) for o in others], axis=0)
+    inside = cell & ~at_contact
+    np.testing.assert_array_equal(upstream[:, inside], alone[:, inside])
+    assert np.abs(upstream[:, at_contact] - alone[:, at_contact]).max() > 0.1
+
+
+def test_isolated_flows_are_those_of_each_cell_alone(rng):
+    masks = voronoi_cells((40, 37), 10, rng, max_dist=9)
+    _, _, n_iter = ft.cell_geometry(masks)
+    ours = masks_to_flows(masks)
+    for lab in np.unique(masks)[1:]:
+        alone = np.where(masks == lab, lab, 0)
+        # Give the lone cell the scene's n_iter (it depends on the largest bbox only): add
+        # a far-away bar whose bbox_h + bbox_w equals that of the scene's largest cell.
+        canvas = np.zeros((masks.shape[0] + n_iter, masks.shape[1] + n_iter), np.int32)
+        canvas[: masks.shape[0], : masks.shape[1]] = alone
+        extent = n_iter // 2 - 2  # bbox_h + bbox_w
+        canvas[-1, -extent + 1 :] = lab + 1000  # a 1 x (extent - 1) bar
+        assert ft.cell_geometry(canvas)[2] == n_iter
+        flows = masks_to_flows(canvas)[:, : masks.shape[0], : masks.shape[1]]
+        np.testing.assert_array_equal(ours[:, masks == lab], flows[:, masks == lab])
 
 
 def test_random_touching_cells_match_reference(rng):
@@ -200,10 +237,13 @@ def test_one_pixel_cells():
     masks = np.zeros((6, 7), np.int32)
     masks[1, 1] = 1  # isolated: gradient is exactly 0
     masks[3:6, 3:6] = 2
-    masks[2, 4] = 3  # touching cell 2: gets a leaked gradient
+    masks[2, 4] = 3  # touching cell 2: gets a leaked gradient in upstream mode only
     ours = assert_matches_reference(masks)
     np.testing.assert_array_equal(ours[:, 1, 1], [0.0, 0.0])
-    assert np.hypot(*ours[:, 2, 4]) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_array_equal(ours[:, 2, 4], [0.0, 0.0])
+    upstream = masks_to_flows(masks, mode="upstream")
+    np.testing.assert_array_equal(upstream[:, 1, 1], [0.0, 0.0])
+    assert np.hypot(*upstream[:, 2, 4]) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_empty_mask_gives_zeros():
@@ -276,6 +316,47 @@ def test_cpu_diffusion_equals_torch_sweep_bit_for_bit(dtype):
         assert ours.dtype == sweep.numpy().dtype
         assert (ours > 0).sum() > 2 * len(centers)  # the diffusion spread: not trivial
         np.testing.assert_array_equal(ours, sweep.numpy())
+
+
+@pytest.mark.parametrize("mode", FLOW_TARGET_MODES)
+def test_masks_to_flows_cpu_kernel_equals_torch_path_bit_for_bit(mode, monkeypatch):
+    """The whole target (diffusion and gradient) through the CUDA code path, run on CPU."""
+    scenes = diffusion_scenes()
+    kernel = [masks_to_flows(masks, mode=mode) for masks in scenes]
+    monkeypatch.setattr(ft, "_diffuse_cpu", lambda lab, centers, n_iter, dtype: (
+        ft._diffuse_torch(torch.from_numpy(lab), torch.from_numpy(centers), n_iter, dtype)
+        .numpy()
+    ))
+    moving = 0
+    for masks, ours in zip(scenes, kernel, strict=True):
+        sweep = masks_to_flows(masks, mode=mode)
+        np.testing.assert_array_equal(ours, sweep)
+        moving += (np.hypot(*sweep) > 0.99).sum() - 0.5 * (masks > 0).sum()
+    assert moving > 0  # most cell pixels carry unit vectors: not trivial
+
+
+def test_modes_differ_only_next_to_other_cells(rng):
+    masks = voronoi_cells((40, 37), 12, rng, max_dist=9)
+    isolated = masks_to_flows(masks, mode="isolated")
+    upstream = masks_to_flows(masks, mode="upstream")
+    padded = np.pad(masks, 1)
+    others = [padded[2:, 1:-1], padded[:-2, 1:-1], padded[1:-1, 2:], padded[1:-1, :-2]]
+    at_contact = (masks > 0) & np.any([(o != 0) & (o != masks) for o in others], axis=0)
+    assert at_contact.sum() > 20
+    np.testing.assert_array_equal(isolated[:, ~at_contact], upstream[:, ~at_contact])
+    assert np.abs(isolated[:, at_contact] - upstream[:, at_contact]).max() > 0.5
+
+
+def test_rejects_unknown_mode():
+    masks = disk((9, 9), (4, 4), 3)
+    for call in (
+        lambda: masks_to_flows(masks, mode="gpu"),
+        lambda: labels_to_flow_targets(masks, mode="Isolated"),
+        lambda: FlowTargetCache(mode="leaky"),
+        lambda: compute_flow_targets([masks], mode="none"),
+    ):
+        with pytest.raises(ValueError, match="isolated"):
+            call()
 
 
 def test_flows_same_on_two_threads(rng):
@@ -379,9 +460,9 @@ def spy(monkeypatch):
     calls = []
     real = ft.labels_to_flow_targets
 
-    def counting(labels, device="cpu"):
-        calls.append(labels.copy())
-        return real(labels, device=device)
+    def counting(labels, device="cpu", mode="isolated"):
+        calls.append((labels.copy(), mode))
+        return real(labels, device=device, mode=mode)
 
     monkeypatch.setattr(ft, "labels_to_flow_targets", counting)
     return calls
@@ -425,6 +506,41 @@ def test_cache_key_depends_on_shape_and_dtype():
     }
     assert len(keys) == 4
     assert label_key(labels) == label_key(np.asfortranarray(labels))
+    assert label_key(labels) == label_key(labels, "isolated")  # the default mode
+    assert label_key(labels, "isolated") != label_key(labels, "upstream")
+
+
+def test_cache_keeps_modes_apart(spy, tmp_path):
+    labels = two_cells()
+    for cache in (FlowTargetCache(), FlowTargetCache(cache_dir=tmp_path)):
+        spy.clear()
+        isolated = cache.get(labels)
+        upstream = cache.get(labels, mode="upstream")
+        assert [mode for _, mode in spy] == ["isolated", "upstream"]
+        assert not np.array_equal(isolated, upstream)
+        np.testing.assert_array_equal(isolated, labels_to_flow_targets(labels))
+        np.testing.assert_array_equal(
+            upstream, labels_to_flow_targets(labels, mode="upstream")
+        )
+        # A cache made for upstream's mode serves it by default, from the same entries.
+        leaky = FlowTargetCache(cache_dir=cache.cache_dir, mode="upstream")
+        if cache.cache_dir is None:
+            leaky._memory = cache._memory
+        np.testing.assert_array_equal(leaky.get(labels), upstream)
+        assert len(spy) == 2 and leaky.hits == 1
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_compute_flow_targets_mode(spy):
+    labels = two_cells()
+    leaky = FlowTargetCache(mode="upstream")
+    want = labels_to_flow_targets(labels, mode="upstream")
+    np.testing.assert_array_equal(compute_flow_targets([labels], cache=leaky)[0], want)
+    np.testing.assert_array_equal(compute_flow_targets([labels], mode="upstream")[0], want)
+    np.testing.assert_array_equal(
+        compute_flow_targets([labels])[0], labels_to_flow_targets(labels)
+    )
+    assert [mode for _, mode in spy] == ["upstream", "upstream", "isolated"]
 
 
 def test_cache_returns_copies(spy):
@@ -468,10 +584,11 @@ def test_compute_flow_targets_uses_cache(spy):
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu(rng):
+@pytest.mark.parametrize("mode", FLOW_TARGET_MODES)
+def test_cuda_matches_cpu(rng, mode):
     masks = voronoi_cells((64, 80), 12, rng, max_dist=14)
-    cpu = masks_to_flows(masks, device="cpu")
-    gpu = masks_to_flows(masks, device=torch.device("cuda"))
+    cpu = masks_to_flows(masks, device="cpu", mode=mode)
+    gpu = masks_to_flows(masks, device=torch.device("cuda"), mode=mode)
     differ = np.abs(gpu - cpu).max(0) > 1e-6
     # Only pixels with an (ill-defined) near-zero raw gradient may differ: at most one
     # per cell, and even there both results are unit vectors or zero.

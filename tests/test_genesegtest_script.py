@@ -1,4 +1,4 @@
-"""End-to-end tests of GeneSeg_test.py (and the shared CLI groups of GeneSegNet.cli_args).
+"""End-to-end tests of GeneSeg_test.py (and the shared CLI groups of GeneSegNet.cli).
 
 A tiny dataset is written per test: sample A with labels (crop 0 with three disks,
 crop 1 with an empty label image), sample B without labels/.
@@ -23,7 +23,8 @@ from scipy import ndimage
 from torch import nn
 
 import GeneSeg_test
-from GeneSegNet.cli_args import add_common_args, check_unsupported, eval_config_from_args
+from GeneSegNet.cli.args import add_common_args, eval_config_from_args
+from GeneSegNet.cli.upstream import check_unsupported
 from GeneSegNet.dynamics.flow_targets import masks_to_flows
 from GeneSegNet.io import read_label
 from GeneSegNet.model import checkpoint as checkpoint_mod
@@ -203,6 +204,52 @@ def test_perfect_network_scores_ap_one(dataset, tmp_path, monkeypatch):
         assert not inner[xy[:, 1], xy[:, 0]].any()
 
 
+class HeatmapProbe(nn.Module):
+    """Records the largest heatmap-channel value of every batch it sees; predicts nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = NetConfig(nchan=2)
+        self.heat_max: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.heat_max.append(float(x[:, 1].max()))
+        out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        out[:, 2] = -5.0
+        return out, torch.ones(x.shape[0], 4)
+
+
+@pytest.mark.parametrize(
+    ("trained", "flags", "heat_max"),
+    [
+        # the dataset's heatmaps are two 255-px spots in 64x64: percentile scaling (1-99 %)
+        # zeroes them, fixed scaling (/255) keeps them at 1
+        ("percentile", [], 0.0),
+        ("fixed", [], 1.0),
+        (None, [], 1.0),  # a checkpoint without training settings: fixed
+        ("percentile", ["--heatmap_norm", "fixed"], 1.0),  # the flag wins
+    ],
+)
+def test_heatmap_scaling_follows_the_checkpoint(dataset, tmp_path, monkeypatch, caplog,
+                                                trained, flags, heat_max):  # fmt: skip
+    probe = HeatmapProbe()
+    meta = {
+        "diam_mean": 34.0,
+        "diam_labels": 34.0,
+        "net_config": NetConfig().to_dict(),
+        "train_config": None if trained is None else {"heatmap_mode": trained},
+    }
+    monkeypatch.setattr(checkpoint_mod, "load_checkpoint", lambda *a, **k: (probe, meta))
+    argv = ["--test_dir", str(dataset), "--pretrained_model", "fake.pt", "--diameter", "34",
+            "--metrics", "--savedir", str(tmp_path / "out"), *flags]  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert GeneSeg_test.main(argv) == 0
+    assert probe.heat_max and all(m == heat_max for m in probe.heat_max)
+    summary = json.loads((tmp_path / "out" / "metrics_summary.json").read_text())
+    assert summary["run"]["eval_config"]["heatmap_mode"] == ("fixed" if heat_max else "percentile")
+    assert ("differs from the model's training setting" in caplog.text) == bool(flags)
+
+
 def test_chan_mismatch_and_corrupt_checkpoint_exit_2(dataset, model, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         code = GeneSeg_test.main(
@@ -280,7 +327,6 @@ def test_help_defaults_match_eval_config():
         "niter": "niter",
         "batch_size": "batch_size",
         "tile_overlap": "tile_overlap",
-        "heatmap_norm": "heatmap_mode",
     }
     defaults = EvalConfig()
     actions = {a.dest: a for a in parser._actions}
@@ -288,7 +334,21 @@ def test_help_defaults_match_eval_config():
         stated = re.search(r"\(default ([^)]+)\)", actions[dest].help).group(1)
         value = getattr(defaults, field)
         assert (stated == value) if isinstance(value, str) else float(stated) == value, dest
-    assert eval_config_from_args(parser.parse_args([])) == defaults
+    assert "default: the model's training setting; fixed" in actions["heatmap_norm"].help
+    assert defaults.heatmap_mode == "fixed"
+    assert eval_config_from_args(parser.parse_args([]), None) == defaults
+    percentile = {"heatmap_mode": "percentile"}
+    assert eval_config_from_args(parser.parse_args([]), percentile).heatmap_mode == "percentile"
+
+
+def test_filter_defaults_are_the_layout_suffixes():
+    from GeneSegNet.io import layout
+
+    args = parser_for(training=False).parse_args([])
+    assert args.img_filter == layout.IMAGE_SUFFIX
+    assert args.mask_filter == layout.LABEL_SUFFIX
+    assert args.heatmap_filter == layout.HEATMAP_ALL_SUFFIX
+    assert args.output_filename == layout.REFINED_LABELS_DIR
 
 
 def test_eval_config_from_args_passes_given_flags():
@@ -305,11 +365,11 @@ def test_eval_config_from_args_passes_given_flags():
             "--no_norm",
         ]
     )
-    cfg = eval_config_from_args(args)
+    cfg = eval_config_from_args(args, {"heatmap_mode": "fixed"})
     assert cfg == EvalConfig(
         diameter=0.0, resample=False, heatmap_mode="percentile", batch_size=2, normalize=False
     )
-    assert eval_config_from_args(parser.parse_args(["--no_resample"])).resample is False
+    assert eval_config_from_args(parser.parse_args(["--no_resample"]), None).resample is False
 
 
 def test_model_args_defaults_differ_only_where_the_checkpoint_rules():

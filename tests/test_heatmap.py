@@ -12,8 +12,9 @@ from GeneSegNet.data.heatmap import (
     cutoff_radius,
     heatmap_to_uint8,
     render_heatmap,
-    render_spot_heatmap,
 )
+from GeneSegNet.io.spots import spot_pixels
+from GeneSegNet.mapping import lookup_cell_ids
 
 
 def brute_force(rows, cols, shape, sigma=7.0, truncate=TRUNCATE_EXPONENT):
@@ -86,12 +87,20 @@ def test_window_with_origin_equals_crop_of_whole_image():
     np.testing.assert_array_equal(window, whole[40:90, 70:130])
 
 
-def test_float_coordinates_truncate_toward_zero_like_upstream():
-    x = np.array([10.9, -0.5, np.nan])
-    y = np.array([5.99, 3.2, 1.0])
-    out = render_spot_heatmap(x, y, (30, 30))
-    # int(float()) gives (x, y) = (10, 5) and (0, 3); the NaN spot is ignored.
-    np.testing.assert_allclose(out, brute_force([5, 3], [10, 0], (30, 30)), atol=1e-6)
+def test_float_spots_use_the_mapping_pixel_rule():
+    """Heatmap and mapping share spot_pixels: (floor(y), floor(x)), outside dropped."""
+    x = np.array([10.9, -0.5, np.nan, 0.0])
+    y = np.array([5.99, 3.2, 1.0, 29.999])
+    rows, cols, inside = spot_pixels(x, y, (30, 30))
+    np.testing.assert_array_equal(inside, [True, False, False, True])
+    out = render_heatmap(rows, cols, (30, 30))
+    # x = -0.5 is outside the image (not column 0 as int(float()) would give)
+    np.testing.assert_allclose(out, brute_force([5, 29], [10, 0], (30, 30)), atol=1e-6)
+    labels = np.zeros((30, 30), np.int64)
+    labels[:, 0] = 7
+    ids, _, mapped_inside = lookup_cell_ids(labels, x, y)
+    np.testing.assert_array_equal(mapped_inside, inside)
+    np.testing.assert_array_equal(ids, [0, 0, 0, 7])
 
 
 def test_uint8_quantisation_rounds_to_nearest():

@@ -11,10 +11,10 @@ import tifffile
 import torch
 from scipy.io import loadmat
 
-from GeneSegNet.data.heatmap import heatmap_to_uint8, render_heatmap, render_spot_heatmap
+from GeneSegNet.data.heatmap import heatmap_to_uint8, render_heatmap
 from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
 from GeneSegNet.evaluation.metrics import match
-from GeneSegNet.io import read_image, read_label, read_spots
+from GeneSegNet.io import read_image, read_label, read_spots, spot_pixels
 from GeneSegNet.model.checkpoint import save_checkpoint
 from GeneSegNet.model.net import GeneSegUNet, NetConfig
 from GeneSegNet.slide import pipeline as slide_pipeline
@@ -55,7 +55,8 @@ def test_writes_upstreams_outputs_and_the_global_heatmap(data):
         np.testing.assert_array_equal(loadmat(out / f"label_{name}.mat")["CellMap"], labels)
         assert read_image(out / f"label_plt_{name}.jpg").shape[:2] == SHAPE
         spots = read_spots(raw / "spots" / f"{name}.csv")
-        expected = heatmap_to_uint8(render_spot_heatmap(spots.x, spots.y, SHAPE))
+        rows, cols, _ = spot_pixels(spots.x, spots.y, SHAPE)
+        expected = heatmap_to_uint8(render_heatmap(rows, cols, SHAPE))
         np.testing.assert_array_equal(
             tifffile.imread(out / "HeatMap" / f"{name}_gaumap.tif"), expected
         )

@@ -21,7 +21,6 @@ from GeneSegNet.model.net import GeneSegUNet, NetConfig
 from GeneSegNet.model.predict import (
     EvalConfig,
     predict_crop,
-    predict_crops,
     prepare_input,
     run_network,
 )
@@ -204,13 +203,15 @@ def test_resize_factor_uses_diam_labels_when_diameter_is_zero(diameter, diam_lab
     assert pred.masks.shape == (64, 64)
 
 
-def test_predict_crops_recovers_cells_of_a_perfect_network():
+def test_predict_crop_recovers_cells_of_a_perfect_network():
     labels_a = disk_image((64, 64), [(16, 16), (40, 44), (18, 47)], 7)
     labels_b = disk_image((48, 80), [(20, 20), (25, 60)], 8)
     crops = [make_crop(labels_a, "a"), make_crop(labels_b, "b")]
-    preds = predict_crops(
-        LabelNet(), crops, EvalConfig(diameter=34.0), diam_mean=34.0, diam_labels=34.0, device="cpu"
-    )
+    preds = [
+        predict_crop(LabelNet(), crop, EvalConfig(diameter=34.0), diam_mean=34.0,
+                     diam_labels=34.0, device="cpu")
+        for crop in crops
+    ]
     assert len(preds) == 2
     for pred, labels in zip(preds, (labels_a, labels_b), strict=True):
         assert pred.masks.dtype == np.int32

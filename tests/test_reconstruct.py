@@ -214,8 +214,9 @@ def test_round_trip_with_defaults_including_flow_check(scenes):
 
 
 def test_round_trip_upstream_y_only_movers(scenes):
-    # Upstream's Y-only mover test leaves horizontally-flowing pixels unlabelled; the flow
-    # check then occasionally rejects a correct cell on these ideal flows.
+    # Upstream's Y-only mover test leaves horizontally-flowing pixels unlabelled; with
+    # upstream-mode targets the flow check then occasionally rejects a correct cell on
+    # ideal flows, with the (default) isolated targets it did not on these scenes.
     ap, _, worst_iou = _aggregate(scenes, y_only_movers=True)
     assert ap >= 0.95
     assert worst_iou >= 0.85
@@ -452,3 +453,35 @@ def test_flow_errors_and_scrambled_mask_removal(scenes):
 
 def test_flow_errors_empty():
     assert flow_errors(np.zeros((8, 9), np.int32), np.zeros((2, 8, 9))).shape == (0,)
+
+
+def test_flow_check_uses_the_target_mode(scenes, monkeypatch):
+    """The check recomputes flows in the mode of the network's training targets."""
+    masks, isolated_dP = scenes[1]
+    upstream_dP = 5.0 * masks_to_flows(masks, mode="upstream")
+    np.testing.assert_allclose(flow_errors(masks, isolated_dP), 0.0, atol=1e-6)
+    np.testing.assert_allclose(
+        flow_errors(masks, upstream_dP, target_mode="upstream"), 0.0, atol=1e-6
+    )
+    # Across modes, touching cells disagree at their contacts.
+    assert flow_errors(masks, upstream_dP).max() > 0.01
+    assert flow_errors(masks, isolated_dP, target_mode="upstream").max() > 0.01
+    logits = logits_of(masks)
+    checked = remove_bad_flow_masks(masks, isolated_dP, threshold=1e-3)
+    np.testing.assert_array_equal(checked, masks)
+    leaky = remove_bad_flow_masks(masks, isolated_dP, threshold=1e-3, target_mode="upstream")
+    assert (leaky == 0).sum() > (masks == 0).sum()  # touching cells removed
+    with pytest.raises(ValueError, match="isolated"):
+        compute_masks(isolated_dP, logits, target_mode="cpu")
+    # compute_masks hands its mode to the flow check.
+    modes = []
+    real = reconstruct.masks_to_flows
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs["mode"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "masks_to_flows", spy)
+    compute_masks(upstream_dP, logits, target_mode="upstream")
+    compute_masks(isolated_dP, logits)
+    assert modes == ["upstream", "isolated"]

@@ -13,13 +13,8 @@ from GeneSegNet.data.dataset import Crop
 from GeneSegNet.errors import InputError
 from GeneSegNet.model.checkpoint import load_checkpoint, save_checkpoint
 from GeneSegNet.model.net import GeneSegUNet, NetConfig
-from GeneSegNet.training.loop import (
-    TrainConfig,
-    learning_rate_schedule,
-    loss_fn,
-    model_name_for,
-    train_network,
-)
+from GeneSegNet.training.config import TrainConfig
+from GeneSegNet.training.loop import learning_rate_schedule, loss_fn, model_name_for, train_network
 
 TINY = NetConfig(nbase=(8, 16, 16), diam_mean=15.0)
 

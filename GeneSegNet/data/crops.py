@@ -1,6 +1,7 @@
 """Cut raw images, labels and spot tables into training crops with spot heatmaps.
 
-Output layout per raw sample ``<name>`` (upstream's, spec §1.4)::
+Output layout per raw sample ``<name>`` (upstream's, spec §1.4; names from
+:mod:`GeneSegNet.io.layout`, which the reader :mod:`GeneSegNet.data.dataset` uses too)::
 
     <out>/<name>/images/{i}_image.png          image crop (stored bit depth, lossless)
     <out>/<name>/labels/{i}_label.png          label crop (8/16-bit PNG, 32-bit TIFF if needed)
@@ -35,11 +36,13 @@ from GeneSegNet.io import (
     read_image,
     read_label,
     read_spots,
+    spot_pixels,
     staged_directory,
     write_image,
     write_label,
     write_spots,
 )
+from GeneSegNet.io import layout as lay
 from GeneSegNet.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -87,17 +90,19 @@ def discover_raw_samples(base_dir: str | Path, require_labels: bool = True
     if not base_dir.is_dir():
         raise InputError("dataset folder not found", base_dir)
     groups = {
-        "images": index_by_sample(list_files(base_dir / "images", IMAGE_EXTENSIONS),
-                                  suffixes=("_image",)),
-        "spots": index_by_sample(list_files(base_dir / "spots", SPOT_EXTENSIONS),
-                                 suffixes=("_spots", "_spot")),
+        "images": index_by_sample(list_files(base_dir / lay.IMAGES_DIR, IMAGE_EXTENSIONS),
+                                  suffixes=lay.RAW_IMAGE_SUFFIXES),
+        "spots": index_by_sample(list_files(base_dir / lay.SPOTS_DIR, SPOT_EXTENSIONS),
+                                 suffixes=lay.RAW_SPOT_SUFFIXES),
     }
-    if (base_dir / "labels").is_dir() or require_labels:
-        groups["labels"] = index_by_sample(list_files(base_dir / "labels", LABEL_EXTENSIONS),
-                                           suffixes=("_label", "_labels", "_masks", "_mask"))
+    if (base_dir / lay.LABELS_DIR).is_dir() or require_labels:
+        groups["labels"] = index_by_sample(
+            list_files(base_dir / lay.LABELS_DIR, LABEL_EXTENSIONS),
+            prefixes=lay.RAW_LABEL_PREFIXES, suffixes=lay.RAW_LABEL_SUFFIXES,
+            prefer=LABEL_EXTENSIONS)
     if not groups["images"]:
         raise InputError("no images found (expected png, jpg, jpeg, tif or tiff files)",
-                         base_dir / "images")
+                         base_dir / lay.IMAGES_DIR)
     return pair_samples(groups)
 
 
@@ -165,35 +170,35 @@ def _write_crops(sample: RawSample, folder: Path, config: CropConfig) -> None:
     height, width = sample.image.shape[:2]
     size = config.crop_size
     offsets = crop_offsets(height, width, size, config.n_crops, config.seed)
-    rows = np.trunc(sample.spots["y"].to_numpy()).astype(np.int64)
-    cols = np.trunc(sample.spots["x"].to_numpy()).astype(np.int64)
-    genes = sample.spots["gene"].to_numpy()
+    rows, cols, in_image = spot_pixels(sample.spots["x"], sample.spots["y"], (height, width))
+    genes = sample.spots["gene"].to_numpy()[in_image]
     image = sample.image if config.image_format == "png" else _to_8bit(sample.image)
     heat_ext = config.heatmap_format
-    for sub in ("images", "labels", "spots", "HeatMaps/HeatMap_all", "HeatMaps/HeatMap"):
+    for sub in (lay.IMAGES_DIR, lay.LABELS_DIR, lay.SPOTS_DIR, lay.HEATMAP_ALL_DIR,
+                lay.HEATMAP_IN_CELL_DIR):
         (folder / sub).mkdir(parents=True)
     for i, (r0, c0) in enumerate(offsets):
         inside = (rows >= r0) & (rows < r0 + size) & (cols >= c0) & (cols < c0 + size)
         cr, cc = rows[inside] - r0, cols[inside] - c0
-        write_image(folder / "images" / f"{i}_image.{config.image_format}",
+        write_image(folder / lay.IMAGES_DIR / lay.image_name(i, config.image_format),
                     image[r0: r0 + size, c0: c0 + size])
-        write_spots(folder / "spots" / f"{i}_spot.csv", cc, cr, genes[inside])
+        write_spots(folder / lay.SPOTS_DIR / lay.spot_name(i), cc, cr, genes[inside])
         if config.heatmap_context == "global":
             heat = render_heatmap(rows, cols, (size, size), config.sigma, origin=(r0, c0))
         else:
             heat = render_heatmap(cr, cc, (size, size), config.sigma)
-        write_image(folder / "HeatMaps" / "HeatMap_all" / f"{i}_gaumap_all.{heat_ext}",
+        write_image(folder / lay.HEATMAP_ALL_DIR / lay.heatmap_name(i, heat_ext),
                     heatmap_to_uint8(heat))
         if sample.labels is None:
             continue
         label_crop = sample.labels[r0: r0 + size, c0: c0 + size]
-        write_label(folder / "labels" / f"{i}_label.png", label_crop)
+        write_label(folder / lay.LABELS_DIR / lay.label_name(i, "png"), label_crop)
         if config.write_incell_heatmap:
             in_cell = label_crop[cr, cc] != 0
             heat = render_heatmap(cr[in_cell], cc[in_cell], (size, size), config.sigma)
-            write_image(folder / "HeatMaps" / "HeatMap" / f"{i}_gaumap.{heat_ext}",
+            write_image(folder / lay.HEATMAP_IN_CELL_DIR / lay.in_cell_heatmap_name(i, heat_ext),
                         heatmap_to_uint8(heat))
-    with atomic_path(folder / "crops.csv") as tmp:
+    with atomic_path(folder / lay.CROPS_TABLE) as tmp:
         pd.DataFrame({"crop": range(len(offsets)), "row_offset": [o[0] for o in offsets],
                       "col_offset": [o[1] for o in offsets]}).to_csv(tmp, index=False)
 

@@ -1,6 +1,7 @@
 """Loading preprocessed sample folders (the crop layout written by preprocessing).
 
-A dataset root holds one folder per sample; each sample folder holds::
+A dataset root holds one folder per sample; each sample folder holds the crop layout of
+:mod:`GeneSegNet.io.layout`::
 
     images/{k}_image.{png,jpg,tif}    labels/{k}_label.*    spots/{k}_spot.csv
     HeatMaps/HeatMap_all/{k}_gaumap_all.*          [newlabels/{k}_label.* after refinement]
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from GeneSegNet.errors import InputError
 from GeneSegNet.io import (
@@ -29,12 +29,12 @@ from GeneSegNet.io import (
     pair_samples,
     read_image,
     read_label,
+    read_spots,
+    spot_pixels,
 )
+from GeneSegNet.io import layout as lay
 
 logger = logging.getLogger(__name__)
-
-HEATMAP_SUBDIR = Path("HeatMaps") / "HeatMap_all"
-REFINED_LABEL_DIR = "newlabels"
 
 
 @dataclass
@@ -61,61 +61,44 @@ class Crop:
         return f"{self.sample}/{self.key}"
 
 
-def channels_for(chan: int) -> str:
-    """Image read mode for the ``--chan`` setting: 2 = grey + heatmap, 4 = BGR + heatmap."""
-    if chan == 2:
-        return "gray"
-    if chan == 4:
-        return "color"
-    raise ValueError(f"--chan must be 2 (grey + heatmap) or 4 (BGR + heatmap), got {chan}")
-
-
-def label_folder_for_round(sample_dir: Path, round_index: int,
-                           refined_name: str = REFINED_LABEL_DIR) -> str:
-    """Where round ``round_index`` (1-based) reads its labels: the original ``labels/`` in
-    round 1, the previous round's refined labels afterwards when they exist."""
-    if round_index >= 2 and (sample_dir / refined_name).is_dir():
-        return refined_name
-    return "labels"
-
-
-def _read_spot_pixels(path: Path | None) -> np.ndarray:
+def _crop_spot_pixels(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels of the spots of a crop's spot table that lie inside the (H, W) crop, int64
+    [N, 2] with columns (x = col, y = row), by :func:`GeneSegNet.io.spots.spot_pixels`
+    (floor; equals upstream's ``int(float())`` inside); empty for no table."""
     if path is None:
         return np.zeros((0, 2), np.int64)
-    table = pd.read_csv(path)
-    if len(table.columns) < 2:
-        raise InputError("spot table needs at least x and y columns", path)
-    xy = table.iloc[:, :2].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-    if not np.all(np.isfinite(xy)):
-        raise InputError("spot table has non-numeric coordinates", path)
-    return np.trunc(xy).astype(np.int64)
+    spots = read_spots(path, strict=True)
+    rows, cols, _ = spot_pixels(spots["x"], spots["y"], shape)
+    return np.stack([cols, rows], axis=1).astype(np.int64, copy=False)
 
 
-def load_sample_folder(sample_dir: str | Path, *, chan: int = 2, img_filter: str = "_image",
-                       mask_filter: str = "_label", heatmap_filter: str = "_gaumap_all",
-                       label_dir: str = "labels", require_labels: bool = True) -> list[Crop]:
+def load_sample_folder(sample_dir: str | Path, *, chan: int = 2,
+                       img_filter: str = lay.IMAGE_SUFFIX, mask_filter: str = lay.LABEL_SUFFIX,
+                       heatmap_filter: str = lay.HEATMAP_ALL_SUFFIX,
+                       label_dir: str = lay.LABELS_DIR, require_labels: bool = True) -> list[Crop]:
     """Load every crop of one sample folder, paired by crop key."""
     sample_dir = Path(sample_dir)
-    mode = channels_for(chan)
-    groups = {"images": index_by_sample(list_files(sample_dir / "images", IMAGE_EXTENSIONS),
+    mode = lay.channels_for(chan)
+    images_dir, heatmap_dir = sample_dir / lay.IMAGES_DIR, sample_dir / lay.HEATMAP_ALL_DIR
+    groups = {"images": index_by_sample(list_files(images_dir, IMAGE_EXTENSIONS),
                                         suffixes=(img_filter,))}
     if not groups["images"]:
-        raise InputError(f"no images matching *{img_filter}.*", sample_dir / "images")
-    groups["heatmaps"] = index_by_sample(list_files(sample_dir / HEATMAP_SUBDIR, IMAGE_EXTENSIONS),
+        raise InputError(f"no images matching *{img_filter}.*", images_dir)
+    groups["heatmaps"] = index_by_sample(list_files(heatmap_dir, IMAGE_EXTENSIONS),
                                          suffixes=(heatmap_filter,))
     if not groups["heatmaps"]:
-        raise InputError(f"no gaussian heatmaps matching *{heatmap_filter}.*",
-                         sample_dir / HEATMAP_SUBDIR)
+        raise InputError(f"no gaussian heatmaps matching *{heatmap_filter}.*", heatmap_dir)
     label_path = sample_dir / label_dir
     if label_path.is_dir() and list_files(label_path, LABEL_EXTENSIONS):
         groups["labels"] = index_by_sample(
             [p for p in list_files(label_path, LABEL_EXTENSIONS)
-             if not p.name.endswith("_flows.tif")], suffixes=(mask_filter,))
+             if not p.name.endswith(lay.LABEL_FLOWS_ENDING)], suffixes=(mask_filter,))
     elif require_labels:
         raise InputError("no label files found", label_path)
-    if (sample_dir / "spots").is_dir():
-        groups["spots"] = index_by_sample(list_files(sample_dir / "spots", (".csv",)),
-                                          suffixes=("_spot", "_spots"))
+    spots_dir = sample_dir / lay.SPOTS_DIR
+    if spots_dir.is_dir():
+        groups["spots"] = index_by_sample(list_files(spots_dir, (lay.SPOT_TABLE_EXT,)),
+                                          suffixes=lay.CROP_SPOT_SUFFIXES)
     required = [r for r in ("images", "heatmaps", "labels") if r in groups]
     crops = []
     for key, paths in pair_samples(groups, required=required):
@@ -128,7 +111,7 @@ def load_sample_folder(sample_dir: str | Path, *, chan: int = 2, img_filter: str
                                  f"{image.shape[:2]} ({paths['images'].name})",
                                  paths["heatmaps" if what == "heatmap" else "labels"])
         crops.append(Crop(sample_dir.name, key, image, heatmap, labels,
-                          _read_spot_pixels(paths.get("spots")), paths["images"],
+                          _crop_spot_pixels(paths.get("spots"), image.shape[:2]), paths["images"],
                           paths.get("labels")))
     return sorted(crops, key=lambda c: _natural_key(c.key))
 
@@ -150,14 +133,15 @@ def sample_folders(root: str | Path) -> list[Path]:
 
 
 def load_dataset(root: str | Path, *, round_index: int = 1,
-                 refined_name: str = REFINED_LABEL_DIR, **kwargs) -> list[Crop]:
-    """Load all sample folders of a dataset root; labels follow :func:`label_folder_for_round`.
+                 refined_name: str = lay.REFINED_LABELS_DIR, **kwargs) -> list[Crop]:
+    """Load all sample folders of a dataset root; labels follow
+    :func:`GeneSegNet.io.layout.label_folder_for_round`.
 
     Keyword arguments are passed to :func:`load_sample_folder`.
     """
     crops: list[Crop] = []
     for folder in sample_folders(root):
-        label_dir = label_folder_for_round(folder, round_index, refined_name)
+        label_dir = lay.label_folder_for_round(folder, round_index, refined_name)
         crops.extend(load_sample_folder(folder, label_dir=label_dir, **kwargs))
     logger.info("%s: %d crops from %d sample folder(s)", root, len(crops),
                 len({c.sample for c in crops}))

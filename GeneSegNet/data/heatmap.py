@@ -9,7 +9,9 @@ maximum is g(D(p)²) with D the Euclidean distance to the nearest spot, which an
 Euclidean distance transform gives in O(H·W). Spots lie on the integer grid, so D² is an
 integer: it is rounded and looked up in a float64 table, so the truncation is exact.
 Duplicate spots change nothing; spots outside the window still count when they are
-within the cut-off radius (≈ 3.035σ).
+within the cut-off radius (≈ 3.035σ). Float spot coordinates are turned into pixels, and
+spots outside the image dropped, by :func:`GeneSegNet.io.spots.spot_pixels` (the rule the
+transcript mapping uses too).
 """
 
 from __future__ import annotations
@@ -81,26 +83,6 @@ def render_heatmap(
     squared = np.rint(distance).astype(np.int32 if len(table) > 2**15 else np.int16)
     del distance
     return table[squared]
-
-
-def render_spot_heatmap(
-    x: np.ndarray,
-    y: np.ndarray,
-    shape: tuple[int, int],
-    sigma: float = DEFAULT_SIGMA,
-    truncate: float = TRUNCATE_EXPONENT,
-    origin: tuple[int, int] = (0, 0),
-) -> np.ndarray:
-    """Heatmap from float spot coordinates x (column) and y (row).
-
-    Coordinates are truncated toward zero to whole pixels, as upstream's ``int(float())``;
-    non-finite coordinates are ignored. See :func:`render_heatmap` for the rest.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    finite = np.isfinite(x) & np.isfinite(y)
-    return render_heatmap(np.trunc(y[finite]).astype(np.int64),
-                          np.trunc(x[finite]).astype(np.int64), shape, sigma, truncate, origin)
 
 
 def heatmap_to_uint8(heatmap: np.ndarray) -> np.ndarray:

@@ -17,6 +17,16 @@ logger = logging.getLogger(__name__)
 
 _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
 
+HeatmapMode = Literal["fixed", "percentile"]
+HEATMAP_MODES: tuple[HeatmapMode, ...] = ("fixed", "percentile")  # the one list of scalings
+
+
+def check_heatmap_mode(mode: str) -> None:
+    """Raise ValueError unless ``mode`` is one of :data:`HEATMAP_MODES`."""
+    if mode not in HEATMAP_MODES:
+        choices = " or ".join(repr(m) for m in HEATMAP_MODES)
+        raise ValueError(f"heatmap_mode must be {choices}, got {mode!r}")
+
 
 def normalize99(x: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
     """Rescale one channel so that its ``lower`` and ``upper`` percentiles map to 0 and 1.
@@ -68,7 +78,7 @@ def normalize_channels(
     image: np.ndarray,
     *,
     heatmap_channel: int | None,
-    heatmap_mode: Literal["fixed", "percentile"] = "fixed",
+    heatmap_mode: HeatmapMode = "fixed",
     invert: bool = False,
 ) -> np.ndarray:
     """Normalise every channel of one image, treating the heatmap channel apart.
@@ -95,8 +105,7 @@ def normalize_channels(
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"expected an image of shape [C, H, W], got shape {image.shape}")
-    if heatmap_mode not in ("fixed", "percentile"):
-        raise ValueError(f"heatmap_mode must be 'fixed' or 'percentile', got {heatmap_mode!r}")
+    check_heatmap_mode(heatmap_mode)
     n_chan = image.shape[0]
     heat = None
     if heatmap_channel is not None:

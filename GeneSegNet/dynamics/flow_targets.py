@@ -1,8 +1,9 @@
 """Label image -> flow training target (spec 4.1), one implementation on every device.
 
-Semantics are those of upstream's GPU variant (``masks_to_flows_gpu``), used on CPU and
+The diffusion is that of upstream's GPU variant (``masks_to_flows_gpu``), used on CPU and
 CUDA alike (spec 12 item 20); upstream's CPU variant, with its log-index quirk, is not
-reproduced. For a label image with cells 1..K:
+reproduced. The gradient is leak-free by default; ``mode="upstream"`` gives upstream's
+exactly. For a label image with cells 1..K:
 
 1. pad by 1 px of zeros;
 2. the center of a cell is its pixel nearest (squared Euclidean) to the point
@@ -12,16 +13,24 @@ reproduced. For a label image with cells 1..K:
 4. a float64 field ``T = 0`` is iterated ``n_iter`` times: add 1 at every center, then
    synchronously ``T(p) = (1/9) * sum of T(q)`` over the 9-point stencil of ``p``
    restricted to pixels ``q`` carrying the label of ``p`` (the divisor stays 9);
-5. ``T = ln(1 + T)``; ``dY = T(y+1, x) - T(y-1, x)``, ``dX = T(y, x+1) - T(y, x-1)`` on
-   raw neighbours, so a touching cell's ``T`` leaks into boundary gradients (as upstream);
+5. ``T = ln(1 + T)``; ``dY = T(y+1, x) - T(y-1, x)``, ``dX = T(y, x+1) - T(y, x-1)``.
+   The ``mode`` chooses the neighbours (see `FLOW_TARGET_MODES`):
+
+   - ``"isolated"`` (the default): a neighbour that does not carry the pixel's label
+     counts as ``T = 0``, so every cell gets exactly the flows it would have alone
+     (given the shared ``n_iter``);
+   - ``"upstream"``: raw neighbours, so a touching cell's ``T`` leaks into boundary
+     gradients, as upstream does (spec 4.1). Flows following such targets can cross
+     into a touching non-convex neighbour, which costs reconstruction accuracy;
 6. ``(dY, dX) /= 1e-20 + |(dY, dX)|`` inside cells, 0 on background.
 
 On the CPU a compiled kernel diffuses each cell inside its own bounding box; on CUDA
 torch diffuses all cells at once over the bounding box of the labelled region. Both add
-the same terms in the same order.
+the same terms in the same order. The diffusion does not depend on the mode; the
+gradient of step 5 is taken in torch on every device.
 
-Targets are cached by label *content* (a blake2b hash of bytes, shape and dtype), so an
-edited label is never served a stale target (spec 12 item 16).
+Targets are cached by label *content* (a blake2b hash of bytes, shape and dtype) and
+mode, so an edited label is never served a stale target (spec 12 item 16).
 """
 
 from __future__ import annotations
@@ -55,8 +64,13 @@ STENCIL: tuple[tuple[int, int], ...] = (
     (1, 1),
 )
 
+# Neighbours of the gradient (step 5 of the module docstring): "isolated" ignores other
+# cells (leak-free, the default), "upstream" takes raw neighbours (upstream's leak).
+FLOW_TARGET_MODES: tuple[str, ...] = ("isolated", "upstream")
+DEFAULT_FLOW_TARGET_MODE = "isolated"
+
 # Bumped whenever the target definition changes, so old on-disk caches miss.
-_TARGET_VERSION = b"genesegnet-flow-targets-v1"
+_TARGET_VERSION = b"genesegnet-flow-targets-v2"
 # Ids are stored in a float32 plane: beyond 2**24 they would no longer be exact.
 _MAX_FLOAT32_ID = 2**24
 
@@ -70,6 +84,13 @@ def _check_labels(masks: np.ndarray) -> np.ndarray:
     if np.issubdtype(masks.dtype, np.signedinteger) and masks.size and masks.min() < 0:
         raise ValueError("label image has negative ids; ids must be >= 0 (0 = background)")
     return masks
+
+
+def check_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of `FLOW_TARGET_MODES`, else raise ``ValueError``."""
+    if mode not in FLOW_TARGET_MODES:
+        raise ValueError(f"flow target mode must be one of {FLOW_TARGET_MODES}, got {mode!r}")
+    return mode
 
 
 def _geometry(compact: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -201,9 +222,27 @@ def _diffuse_torch(lab: torch.Tensor, centers: torch.Tensor, n_iter: int,
     return field
 
 
+def _gradient(logt: torch.Tensor, lab: torch.Tensor,
+              mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Central differences (dY, dX) [h-2,w-2] of ``logt`` [h,w] on the crop's interior.
+
+    In ``"isolated"`` mode a neighbour whose label differs from the pixel's counts as 0.
+    """
+    below, above = logt[2:, 1:-1], logt[:-2, 1:-1]
+    right, left = logt[1:-1, 2:], logt[1:-1, :-2]
+    if mode == "isolated":
+        inner = lab[1:-1, 1:-1]
+        below = torch.where(lab[2:, 1:-1] == inner, below, 0.0)
+        above = torch.where(lab[:-2, 1:-1] == inner, above, 0.0)
+        right = torch.where(lab[1:-1, 2:] == inner, right, 0.0)
+        left = torch.where(lab[1:-1, :-2] == inner, left, 0.0)
+    return below - above, right - left
+
+
 def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu",
-                   dtype: torch.dtype = torch.float64) -> np.ndarray:
-    """Unit flow field of a label image (spec 4.1, GPU-variant semantics).
+                   dtype: torch.dtype = torch.float64,
+                   mode: str = DEFAULT_FLOW_TARGET_MODE) -> np.ndarray:
+    """Unit flow field of a label image (spec 4.1, GPU-variant diffusion).
 
     Parameters
     ----------
@@ -213,6 +252,8 @@ def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu",
     dtype : precision of the diffusion: float64 (upstream's, the default, used for
         training targets) or float32 (about 1.7x faster on the CPU; ample for the flow-error
         quality check of reconstruction).
+    mode : one of `FLOW_TARGET_MODES`: ``"isolated"`` (leak-free gradients, the default)
+        or ``"upstream"`` (a touching cell's field leaks into boundary gradients).
 
     Returns
     -------
@@ -220,6 +261,7 @@ def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu",
     0 on background.
     """
     masks = _check_labels(masks)
+    check_mode(mode)
     height, width = masks.shape
     flows = np.zeros((2, height, width), np.float32)
     ids, compact = compact_labels(masks)
@@ -235,8 +277,7 @@ def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu",
     lab = torch.from_numpy(crop).to(dev)
     flat_centers = (centers[:, 0] - y0 + 1) * crop.shape[1] + (centers[:, 1] - x0 + 1)
     logt = _diffuse(lab, torch.from_numpy(flat_centers).to(dev), n_iter, dtype)
-    d_y = logt[2:, 1:-1] - logt[:-2, 1:-1]
-    d_x = logt[1:-1, 2:] - logt[1:-1, :-2]
+    d_y, d_x = _gradient(logt, lab, mode)
     in_cell = lab[1:-1, 1:-1] > 0
     d_y = torch.where(in_cell, d_y, 0.0)
     d_x = torch.where(in_cell, d_x, 0.0)
@@ -247,9 +288,11 @@ def masks_to_flows(masks: np.ndarray, device: torch.device | str | None = "cpu",
 
 
 def labels_to_flow_targets(
-    labels: np.ndarray, device: torch.device | str | None = "cpu"
+    labels: np.ndarray,
+    device: torch.device | str | None = "cpu",
+    mode: str = DEFAULT_FLOW_TARGET_MODE,
 ) -> np.ndarray:
-    """Training target of one label image (spec 4.1 step 3).
+    """Training target of one label image (spec 4.1 step 3); ``mode`` as `masks_to_flows`.
 
     Returns float32 [4,H,W]: (ids renumbered 1..K in raster order of first appearance,
     binary ``labels > 0``, dY, dX). Raises ``ValueError`` if K >= 2**24 (ids would not be
@@ -262,15 +305,17 @@ def labels_to_flow_targets(
     target = np.empty((4, *renumbered.shape), np.float32)
     target[0] = renumbered
     target[1] = renumbered > 0
-    target[2:] = masks_to_flows(renumbered, device=device)
+    target[2:] = masks_to_flows(renumbered, device=device, mode=mode)
     return target
 
 
-def label_key(labels: np.ndarray) -> str:
-    """Content key of a label image: blake2b of its bytes, shape and dtype (hex, 32 chars)."""
+def label_key(labels: np.ndarray, mode: str = DEFAULT_FLOW_TARGET_MODE) -> str:
+    """Content key of a label image's target: blake2b of the target version, ``mode`` and
+    the label's bytes, shape and dtype (hex, 32 chars)."""
     labels = np.ascontiguousarray(labels)
     digest = hashlib.blake2b(digest_size=16)
     digest.update(_TARGET_VERSION)
+    digest.update(check_mode(mode).encode() + b"\0")
     digest.update(repr((labels.shape, labels.dtype.str)).encode())
     digest.update(labels.view(np.uint8).ravel() if labels.size else b"")
     return digest.hexdigest()
@@ -284,16 +329,21 @@ class FlowTargetCache:
     cache_dir : folder for ``<key>.npy`` files (written atomically), or None to keep
         targets in memory only.
     device : default torch device for computing targets on a miss.
+    mode : default flow target mode (one of `FLOW_TARGET_MODES`); part of the key.
 
     ``hits`` and ``misses`` count lookups. Returned arrays are copies, so callers may
     modify them freely.
     """
 
     def __init__(
-        self, cache_dir: Path | str | None = None, device: torch.device | str | None = "cpu"
+        self,
+        cache_dir: Path | str | None = None,
+        device: torch.device | str | None = "cpu",
+        mode: str = DEFAULT_FLOW_TARGET_MODE,
     ) -> None:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.device = device
+        self.mode = check_mode(mode)
         self._memory: dict[str, np.ndarray] = {}
         self.hits = 0
         self.misses = 0
@@ -325,19 +375,28 @@ class FlowTargetCache:
         with atomic_path(self._path(key)) as tmp:
             np.save(tmp, target, allow_pickle=False)
 
-    def get(self, labels: np.ndarray, device: torch.device | str | None = None) -> np.ndarray:
+    def get(
+        self,
+        labels: np.ndarray,
+        device: torch.device | str | None = None,
+        mode: str | None = None,
+    ) -> np.ndarray:
         """Float32 [4,H,W] target of ``labels`` (see `labels_to_flow_targets`).
 
-        ``device`` overrides the cache's default device for a miss.
+        ``device`` overrides the cache's default device for a miss, ``mode`` its default
+        mode (targets of different modes are kept apart).
         """
         labels = _check_labels(labels)
-        key = label_key(labels)
+        mode = self.mode if mode is None else check_mode(mode)
+        key = label_key(labels, mode)
         target = self._load(key, labels.shape)
         if target is not None:
             self.hits += 1
             return target.copy()
         self.misses += 1
-        target = labels_to_flow_targets(labels, device=self.device if device is None else device)
+        target = labels_to_flow_targets(
+            labels, device=self.device if device is None else device, mode=mode
+        )
         self._store(key, target)
         return target.copy()
 
@@ -347,12 +406,20 @@ def compute_flow_targets(
     device: torch.device | str | None = "cpu",
     cache: FlowTargetCache | None = None,
     progress: bool = False,
+    mode: str | None = None,
 ) -> list[np.ndarray]:
-    """Flow targets (float32 [4,H,W] each) of a list of label images, through ``cache``."""
+    """Flow targets (float32 [4,H,W] each) of a list of label images, through ``cache``.
+
+    ``mode`` (one of `FLOW_TARGET_MODES`) defaults to the cache's mode, or to
+    `DEFAULT_FLOW_TARGET_MODE` without a cache.
+    """
+    if mode is None:
+        mode = DEFAULT_FLOW_TARGET_MODE if cache is None else cache.mode
+    check_mode(mode)
     targets = []
     for lab in tqdm(labels, desc="flow targets", disable=not progress):
         if cache is None:
-            targets.append(labels_to_flow_targets(lab, device=device))
+            targets.append(labels_to_flow_targets(lab, device=device, mode=mode))
         else:
-            targets.append(cache.get(lab, device=device))
+            targets.append(cache.get(lab, device=device, mode=mode))
     return targets

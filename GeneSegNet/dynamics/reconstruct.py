@@ -7,7 +7,8 @@ cell-probability logit ``[H, W]``. :func:`compute_masks` turns them into a label
 2. :func:`follow_flows`: every moving pixel takes ``niter`` Euler steps along the
    bilinearly interpolated field ``dP * iscell / 5``;
 3. :func:`get_masks`: a histogram of the end points is clustered around its local maxima;
-4. :func:`remove_bad_flow_masks`: masks whose own flows disagree with ``dP`` are dropped;
+4. :func:`remove_bad_flow_masks`: masks whose own flows (flow targets in ``target_mode``,
+   the mode the network was trained on) disagree with ``dP`` are dropped;
 5. small masks are dropped and holes filled; labels are renumbered 1..K (int32).
 
 Flow following has one definition on every device (upstream's CPU-path semantics, as
@@ -27,7 +28,7 @@ from scipy import ndimage
 
 from GeneSegNet.device import as_device
 from GeneSegNet.dynamics import kernels
-from GeneSegNet.dynamics.flow_targets import masks_to_flows
+from GeneSegNet.dynamics.flow_targets import DEFAULT_FLOW_TARGET_MODE, check_mode, masks_to_flows
 from GeneSegNet.dynamics.masks import fill_holes_and_remove_small_masks, renumber
 
 logger = logging.getLogger(__name__)
@@ -366,12 +367,14 @@ def flow_errors(
     masks: np.ndarray,
     dP: torch.Tensor | np.ndarray,
     device: torch.device | str | None = "cpu",
+    target_mode: str = DEFAULT_FLOW_TARGET_MODE,
 ) -> np.ndarray:
     """Mean squared disagreement between each mask's own flows and the predicted flows.
 
     ``err_k = sum over c in (y, x) of mean over pixels of k of (flow_c - dP_c / 5)^2``,
     where ``flow`` are the unit flows recomputed from ``masks``
-    (:func:`GeneSegNet.dynamics.flow_targets.masks_to_flows`) and ``dP`` is not masked.
+    (:func:`GeneSegNet.dynamics.flow_targets.masks_to_flows` in ``target_mode``) and
+    ``dP`` is not masked.
 
     Parameters
     ----------
@@ -381,6 +384,10 @@ def flow_errors(
         Predicted flows (dY, dX), about 5x unit vectors.
     device : torch.device or str
         Device for the flow recomputation.
+    target_mode : str
+        Flow target mode of the recomputed flows (one of
+        :data:`GeneSegNet.dynamics.flow_targets.FLOW_TARGET_MODES`); should be the mode
+        the network was trained on.
 
     Returns
     -------
@@ -388,13 +395,14 @@ def flow_errors(
         Entry k-1 belongs to id k; ids without pixels get 0.
     """
     masks = np.asarray(masks)
+    check_mode(target_mode)
     dP = _to_numpy(dP).astype(np.float32, copy=False)
     if dP.shape != (2, *masks.shape):
         raise ValueError(f"dP must be [2, H, W] = [2, *masks.shape]; got {dP.shape}")
     top = int(masks.max()) if masks.size else 0
     if top == 0:
         return np.zeros(0, dtype=np.float64)
-    own = masks_to_flows(masks, device=device, dtype=torch.float32)
+    own = masks_to_flows(masks, device=device, dtype=torch.float32, mode=target_mode)
     squared = ((own - dP / 5.0) ** 2).sum(axis=0).ravel()
     flat = masks.ravel()
     sums = np.bincount(flat, weights=squared, minlength=top + 1)[1:]
@@ -407,6 +415,7 @@ def remove_bad_flow_masks(
     dP: torch.Tensor | np.ndarray,
     threshold: float = 0.4,
     device: torch.device | str | None = "cpu",
+    target_mode: str = DEFAULT_FLOW_TARGET_MODE,
 ) -> np.ndarray:
     """Remove masks whose :func:`flow_errors` exceed ``threshold`` (ids are not renumbered).
 
@@ -420,13 +429,16 @@ def remove_bad_flow_masks(
         Maximum allowed flow error.
     device : torch.device or str
         Device for the flow recomputation.
+    target_mode : str
+        See :func:`flow_errors`.
 
     Returns
     -------
     ndarray [H, W] int32
     """
     masks = np.asarray(masks).astype(np.int32, copy=True)
-    bad = np.flatnonzero(flow_errors(masks, dP, device=device) > threshold) + 1
+    errors = flow_errors(masks, dP, device=device, target_mode=target_mode)
+    bad = np.flatnonzero(errors > threshold) + 1
     if len(bad):
         logger.debug("removing %d masks with flow error > %g", len(bad), threshold)
         masks[np.isin(masks, bad)] = 0
@@ -444,6 +456,7 @@ def compute_masks(
     device: torch.device | str | None = "cpu",
     sort_seeds: bool = False,
     y_only_movers: bool = False,
+    target_mode: str = DEFAULT_FLOW_TARGET_MODE,
 ) -> np.ndarray:
     """Label image from predicted flows and cell-probability logits (spec 7.2 steps 1-7).
 
@@ -467,14 +480,19 @@ def compute_masks(
         See :func:`get_masks`.
     y_only_movers : bool
         See :func:`follow_flows`. With upstream's rule (True), pixels with exactly
-        horizontal flow stay unlabelled; on ideal flows this cuts cells enough for the
-        flow check to reject about 8 % of correct cells.
+        horizontal flow stay unlabelled; on ideal flows of upstream-mode targets this
+        cuts cells enough for the flow check to reject some correct cells (3-14 % on
+        the test scenes; none with isolated targets).
+    target_mode : str
+        Flow target mode of the flow check (see :func:`flow_errors`): the mode the network
+        was trained on, ``"isolated"`` (the default) or ``"upstream"``.
 
     Returns
     -------
     ndarray [H, W] int32
         Labels 1..K in raster order of first appearance; all zeros without cells.
     """
+    check_mode(target_mode)
     logits = _to_numpy(cellprob_logits)
     if logits.ndim != 2 or tuple(dP.shape) != (2, *logits.shape):
         raise ValueError(
@@ -487,6 +505,8 @@ def compute_masks(
     positions = follow_flows(dP, iscell, niter=niter, device=device, y_only_movers=y_only_movers)
     masks = get_masks(positions, iscell, sort_seeds=sort_seeds)
     if flow_threshold > 0 and masks.max() > 0:
-        masks = remove_bad_flow_masks(masks, dP, threshold=flow_threshold, device=device)
+        masks = remove_bad_flow_masks(
+            masks, dP, threshold=flow_threshold, device=device, target_mode=target_mode
+        )
     masks = fill_holes_and_remove_small_masks(masks, min_size=min_size)
     return renumber(masks, order="first")

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from GeneSegNet.io.spots import spot_pixels
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.75, 0.9)
@@ -341,33 +343,13 @@ def per_cell_best_iou(true: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return iou.max(axis=1) if iou.shape[1] else np.zeros(iou.shape[0])
 
 
-def mean_best_iou(
-    true_list: Sequence[np.ndarray] | np.ndarray, pred_list: Sequence[np.ndarray] | np.ndarray
-) -> float:
-    """Mean of ``per_cell_best_iou`` pooled over all true cells of all images.
-
-    This is the paper-style "IoU with GT" (upstream ``compute_IoU_with_GT``); NaN when
-    there is no true cell at all.
-    """
-    trues, preds = _as_image_list(true_list), _as_image_list(pred_list)
-    if len(trues) != len(preds):
-        raise ValueError(f"{len(trues)} true images but {len(preds)} predictions")
-    values = [per_cell_best_iou(t, p) for t, p in zip(trues, preds, strict=True)]
-    pooled = np.concatenate(values) if values else np.zeros(0)
-    return float(pooled.mean()) if pooled.size else float("nan")
-
-
 def _spot_pixels(spots_xy: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(pixel flat index of in-image spots, boolean mask of which spots are in the image)."""
     spots = np.asarray(spots_xy, dtype=np.float64)
     if spots.ndim != 2 or spots.shape[1] < 2:
         raise ValueError(f"spots_xy must have shape (N, 2) as (x, y), got {spots.shape}")
-    with np.errstate(invalid="ignore"):
-        col = np.floor(spots[:, 0])
-        row = np.floor(spots[:, 1])
-        inside = (col >= 0) & (row >= 0) & (col < shape[1]) & (row < shape[0])
-    flat = row[inside].astype(np.int64) * shape[1] + col[inside].astype(np.int64)
-    return flat, inside
+    rows, cols, inside = spot_pixels(spots[:, 0], spots[:, 1], shape)
+    return rows * shape[1] + cols, inside
 
 
 def gene_iou(true: np.ndarray, pred: np.ndarray, spots_xy: np.ndarray) -> tuple[float, np.ndarray]:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from GeneSegNet.data.dataset import HEATMAP_SUBDIR, REFINED_LABEL_DIR, Crop, load_sample_folder
+from GeneSegNet.data.dataset import Crop, load_sample_folder
 from GeneSegNet.data.dataset import sample_folders as list_sample_folders
 from GeneSegNet.dynamics.masks import outlines_list, remove_edge_masks, size_shape_filter
 from GeneSegNet.errors import InputError
@@ -48,13 +48,14 @@ from GeneSegNet.evaluation.metrics import (
 )
 from GeneSegNet.figures import comparison_figure, draw_outlines, flow_rgb
 from GeneSegNet.io import atomic_path, write_image, write_label
+from GeneSegNet.io.layout import INPUT_FOLDERS
 from GeneSegNet.io.records import write_json
 from GeneSegNet.model.predict import EvalConfig, Prediction, predict_crop
 
 logger = logging.getLogger(__name__)
 
 UPSTREAM_AP_THRESHOLD = 0.25  # upstream printed AP at this IoU as "AP at 0.5"
-_INPUT_NAMES = {"images", "labels", "spots", HEATMAP_SUBDIR.parts[0], REFINED_LABEL_DIR}
+_INPUT_NAMES = INPUT_FOLDERS
 _SUBFOLDER = {
     "mask": "masks",
     "txt": "txt_outlines",

@@ -15,7 +15,7 @@ import pandas as pd
 
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.metrics import match, threshold_key, transcript_assignment_accuracy
-from GeneSegNet.io import LABEL_EXTENSIONS, index_by_sample, list_files, read_label
+from GeneSegNet.io import LABEL_EXTENSIONS, index_by_sample, list_files, read_label, spot_pixels
 from GeneSegNet.mapping import LABEL_PREFIXES, LABEL_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,7 @@ def score_sample(pred: np.ndarray, true_cells: np.ndarray, truth_spots: pd.DataF
     xy = truth_spots[["spotX", "spotY"]].to_numpy(np.float64)
     assignment = transcript_assignment_accuracy(
         truth_spots["cell_id"].to_numpy(np.int64), pred, true_cells, xy)
-    rows = np.floor(xy[:, 1]).astype(np.int64).clip(0, pred.shape[0] - 1)
-    cols = np.floor(xy[:, 0]).astype(np.int64).clip(0, pred.shape[1] - 1)
+    rows, cols, _ = spot_pixels(xy[:, 0], xy[:, 1], pred.shape)
     scores: dict[str, float | int | str] = {
         "true_cells": result.n_true,
         "cells_found": result.n_pred,

@@ -202,11 +202,6 @@ def write_image(path: str | Path, image: np.ndarray, jpeg_quality: int = 95) -> 
     return path
 
 
-def label_file_suffix(labels: np.ndarray) -> str:
-    """ ".png" when the ids fit 16-bit PNG, else ".tif" (32-bit)."""
-    return ".png" if int(labels.max(initial=0)) <= UINT16_MAX else ".tif"
-
-
 def write_label(path: str | Path, labels: np.ndarray) -> Path:
     """Write a label image atomically, choosing the narrowest lossless type.
 

@@ -125,12 +125,33 @@ def read_spots(path: str | Path, scale: float = 1.0, *, strict: bool = True) -> 
     return pd.DataFrame({"x": x * scale, "y": y * scale, "gene": gene})
 
 
-def spot_pixels(spots: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Integer (row, col) of each spot as upstream computed them: ``int(float(v))``,
-    i.e. truncation toward zero. Returns int64 arrays (y_row, x_col)."""
-    return np.trunc(spots["y"].to_numpy()).astype(np.int64), np.trunc(spots["x"].to_numpy()).astype(
-        np.int64
-    )
+def spot_pixels(x: np.ndarray, y: np.ndarray, shape: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The project's one rule for which pixel a spot lies in.
+
+    A spot at (x, y) px lies in pixel (row, col) = (floor(y), floor(x)); it is inside
+    the image iff ``0 <= x < W`` and ``0 <= y < H`` (so -1 < x < 0 is outside, never
+    column 0). Non-finite coordinates are outside. For inside spots floor equals
+    upstream's ``int(float())`` truncation.
+
+    Parameters
+    ----------
+    x, y : (N,) float spot coordinates in px (x = column, y = row).
+    shape : (H, W) of the image in px.
+
+    Returns
+    -------
+    rows, cols : (n_inside,) int64 pixel (row, col) of the inside spots, in spot order.
+    inside : (N,) bool, which spots are inside the image.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    height, width = int(shape[0]), int(shape[1])
+    with np.errstate(invalid="ignore"):
+        inside = (x >= 0) & (y >= 0) & (x < width) & (y < height)  # False for NaN
+    rows = np.floor(y[inside]).astype(np.int64)
+    cols = np.floor(x[inside]).astype(np.int64)
+    return rows, cols, inside
 
 
 def write_spots(path: str | Path, x: np.ndarray, y: np.ndarray, gene: np.ndarray) -> Path:

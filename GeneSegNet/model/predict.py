@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from GeneSegNet.data.dataset import Crop, network_input
-from GeneSegNet.data.transforms import normalize_channels, pad_to_multiple, resize_image
+from GeneSegNet.data.transforms import (
+    HEATMAP_MODES,
+    HeatmapMode,
+    normalize_channels,
+    pad_to_multiple,
+    resize_image,
+)
 from GeneSegNet.dynamics.masks import renumber
 from GeneSegNet.dynamics.reconstruct import compute_masks
 from GeneSegNet.model.tiling import blend_tiles, make_tiles
@@ -69,7 +73,7 @@ class EvalConfig:
     resample: bool = True
     normalize: bool = True
     invert: bool = False
-    heatmap_mode: Literal["fixed", "percentile"] = "fixed"
+    heatmap_mode: HeatmapMode = "fixed"
     flow_threshold: float = 0.4
     confidence_threshold: float = 0.0
     min_size: int = 15
@@ -86,9 +90,9 @@ class EvalConfig:
             problems.append(f"tile_overlap must lie in [0, 1), got {self.tile_overlap}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.heatmap_mode not in ("fixed", "percentile"):
+        if self.heatmap_mode not in HEATMAP_MODES:
             problems.append(
-                f"heatmap_mode must be 'fixed' or 'percentile', got {self.heatmap_mode!r}"
+                f"heatmap_mode must be one of {HEATMAP_MODES}, got {self.heatmap_mode!r}"
             )
         if self.invert and not self.normalize:
             problems.append("invert needs normalisation (it flips the normalised 0..1 range)")
@@ -261,26 +265,3 @@ def predict_crop(
         cellprob = resize_image(cellprob, (height, width), "linear")
     return Prediction(masks.astype(np.int32, copy=False), flows, cellprob, style)
 
-
-def predict_crops(
-    net: nn.Module,
-    crops: list[Crop],
-    cfg: EvalConfig,
-    *,
-    diam_mean: float,
-    diam_labels: float,
-    device: torch.device | str,
-    progress: bool = False,
-) -> list[Prediction]:
-    """:func:`predict_crop` for every crop, in order (crops may differ in size).
-
-    The network is used as given (never reloaded). Returns one :class:`Prediction` per
-    crop; for large test sets prefer a loop over :func:`predict_crop` that writes each
-    result and drops it, since flows are kept here.
-    """
-    rescale = rescale_factor(cfg, diam_mean=diam_mean, diam_labels=diam_labels)
-    logger.debug("predicting %d crops (resize factor %.4g, %s)", len(crops), rescale, cfg)
-    return [
-        predict_crop(net, crop, cfg, diam_mean=diam_mean, diam_labels=diam_labels, device=device)
-        for crop in tqdm(crops, desc="predict", disable=not progress)
-    ]

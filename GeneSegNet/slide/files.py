@@ -43,6 +43,7 @@ from GeneSegNet.io import (
     list_files,
     read_image,
     read_spots,
+    spot_pixels,
     write_image,
     write_label,
 )
@@ -154,8 +155,7 @@ def load_slide(
     x = table["x"].to_numpy(np.float64)
     y = table["y"].to_numpy(np.float64)
     finite = np.isfinite(x) & np.isfinite(y)
-    with np.errstate(invalid="ignore"):
-        inside = finite & (x >= 0) & (y >= 0) & (x < width) & (y < height)
+    rows, cols, inside = spot_pixels(x, y, (height, width))
     n, n_in = len(table), int(inside.sum())
     n_invalid, n_outside = int((~finite).sum()), int((finite & ~inside).sum())
     if n and not n_in:
@@ -176,10 +176,9 @@ def load_slide(
             sample.image.name,
             n_invalid,
         )
-    rows = y[inside].astype(np.int32)  # floor == trunc for non-negative values
-    cols = x[inside].astype(np.int32)
     return SlideInputs(
-        sample, image, rows, cols, table if keep_table else None, n, n_outside, n_invalid
+        sample, image, rows.astype(np.int32), cols.astype(np.int32),
+        table if keep_table else None, n, n_outside, n_invalid,
     )
 
 

@@ -17,9 +17,9 @@ import numpy as np
 from torch import nn
 
 import GeneSegNet
-from GeneSegNet.data.dataset import channels_for
 from GeneSegNet.errors import InputError
 from GeneSegNet.io import atomic_path
+from GeneSegNet.io.layout import channels_for
 from GeneSegNet.mapping import write_mapping
 from GeneSegNet.slide.blockwise import reconstruct_blockwise, upstream_label_opening
 from GeneSegNet.slide.files import (

@@ -72,7 +72,8 @@ class SpotIndex:
 
     Parameters
     ----------
-    rows, cols : integer pixel coordinates (y, x) of spots inside the image.
+    rows, cols : integer pixel coordinates (y, x) of spots inside the image, as given by
+        :func:`GeneSegNet.io.spots.spot_pixels` (the rule the transcript mapping uses).
     shape : (H, W) of the image.
     bin_size : edge of the square bins in pixels.
     """

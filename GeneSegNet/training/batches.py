@@ -10,7 +10,6 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,9 +21,7 @@ from GeneSegNet.dynamics.flow_targets import FlowTargetCache, compute_flow_targe
 from GeneSegNet.dynamics.masks import diameters
 from GeneSegNet.errors import InputError
 from GeneSegNet.training.augment import random_rotate_and_resize
-
-if TYPE_CHECKING:
-    from GeneSegNet.training.loop import TrainConfig
+from GeneSegNet.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

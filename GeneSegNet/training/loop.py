@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from GeneSegNet.training.batches import (
     prepare_data,
     validation_batches,
 )
+from GeneSegNet.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -91,49 +92,6 @@ def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     flow = F.mse_loss(output[:, :2], 5.0 * target[:, 1:3])
     prob = F.binary_cross_entropy_with_logits(output[:, 2], (target[:, 0] > 0.5).float())
     return flow + prob
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training settings (upstream defaults). ``val_every``: validation at epochs
-    ``e % val_every == 0`` and ``e == 5``. ``save_every``: ``_last`` saved at epochs
-    ``e % save_every == 1`` (every epoch for 1) and at the final epoch. ``bf16``: bfloat16
-    autocast, CUDA only (ignored with a warning elsewhere). ``num_workers``: loader processes
-    for normalisation and augmentation (results do not depend on it)."""
-
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-5
-    n_epochs: int = 500
-    batch_size: int = 8
-    min_train_masks: int = 1
-    rescale: bool = True
-    scale_range: float = 0.5
-    tile: int = 224
-    save_every: int = 100
-    save_each: bool = False
-    seed: int = 0
-    heatmap_mode: str = "fixed"
-    bf16: bool = False
-    num_workers: int = 0
-    val_every: int = 10
-
-    def __post_init__(self) -> None:
-        positive = ("n_epochs", "batch_size", "tile", "save_every", "val_every")
-        bad = [n for n in positive if int(getattr(self, n)) < 1]
-        if bad or self.learning_rate < 0 or self.weight_decay < 0 or self.num_workers < 0:
-            raise ValueError(f"invalid training settings: {bad or 'negative value'} in {self}")
-        if self.heatmap_mode not in ("fixed", "percentile"):
-            raise ValueError(
-                f"heatmap_mode must be 'fixed' or 'percentile', got {self.heatmap_mode!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass

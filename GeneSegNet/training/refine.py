@@ -12,7 +12,8 @@ set for 149 explicit steps and claims the pass-input background where it ends
   the pass-input background, later ids overriding; identity for ``N >= 3``.
   Four 3x3 min/max filters per pass for all cells at once, any device.
 - ``"fast"``: the rule for "regular" cells (``RuleDomain``), the literal
-  full-image level set for the others. Same labels as ``"levelset"``.
+  full-image level set for the others. Same labels as ``"levelset"`` in every case
+  measured (below); the domain where the rule is trusted was measured, not proved.
 
 What was measured (float32, CPU; per cell, one pass, level set vs rule on the
 pass-input background; 1346 cells in 166 images with the opening, 562 in 114
@@ -377,11 +378,12 @@ def refine_labels(
     round_index : int
         Recursion round ``N`` (1-based); the opening of the target is on iff ``N < 3``.
     method : {"fast", "levelset", "morphology"}
-        ``"fast"`` (default): the §6.2 rule for regular cells (``domain``), the
-        literal level set for the others; same labels as ``"levelset"`` in every
-        case tested. ``"levelset"``: the literal full-image level set.
-        ``"morphology"``: the rule for every cell (identity for ``N >= 3``), an
-        approximation that differs for small, thin or near-full cells.
+        ``"morphology"`` (default): the rule for every cell (identity for
+        ``N >= 3``); differs from the level set for small, thin or near-full cells,
+        where the level set's result is an artefact. ``"fast"``: the §6.2 rule for
+        regular cells (``domain``), the literal level set for the others; same
+        labels as ``"levelset"`` in every case measured. ``"levelset"``: the
+        literal full-image level set.
     device : torch.device or str
         Where to compute.
     progress : bool

@@ -1,4 +1,11 @@
-"""Shared command-line plumbing: error reporting and common argument groups."""
+"""Shared command-line plumbing of the scripts.
+
+This package: error reporting and the ``--verbose`` / device flags. :mod:`.args`: the
+argument groups of ``GeneSeg_train.py``, ``GeneSeg_test.py`` and the sliding-window
+inference script, and the one function that turns flags into an ``EvalConfig``.
+:mod:`.upstream`: upstream's flags that are accepted for compatibility.
+Nothing here imports torch, so ``--help`` stays quick.
+"""
 
 from __future__ import annotations
 

@@ -1,36 +1,50 @@
-"""Argument groups shared by ``GeneSeg_train.py`` and ``GeneSeg_test.py``.
+"""Argument groups of the scripts, and the one function that turns flags into settings.
 
-Both scripts compose these groups, so their flags and defaults cannot drift apart
-(upstream's two copied parsers disagreed on ``--style_on`` and ``--min_train_masks``).
-Flag names follow upstream, so upstream commands keep working.
+``GeneSeg_train.py`` and ``GeneSeg_test.py`` compose the same groups, so their flags and
+defaults cannot drift apart (upstream's two copied parsers disagreed on ``--style_on``
+and ``--min_train_masks``); ``Inference/slidingwindows_gradient.py`` declares its mask
+and network-pass flags with the same functions (:func:`add_mask_args`,
+:func:`add_network_pass_args`). Flag names follow upstream, so upstream commands keep
+working.
 
 Evaluation flags default to None and :func:`eval_config_from_args` passes only the ones
 given, so :class:`GeneSegNet.model.predict.EvalConfig` holds the only copy of each default
-(the values quoted in the help texts are checked against it by the tests).
+(the values quoted in the help texts are checked against it by the tests). The heatmap
+scaling, unless given, is the one the model was trained with.
 
-Upstream flags that never did anything, or that we do not implement, are still
-accepted, and :func:`check_unsupported` handles them after parsing: a flag whose
-effect is what always happens anyway yields a note for the log; a flag asking for
-something unsupported stops the run with a clear message. None is silently ignored.
-
-This module imports only the standard library, so ``--help`` is instant; the package
-modules are imported when a config is built.
+The folder-filter defaults (``_image``, ``_label``, ``_gaumap_all``) are the suffixes of
+:mod:`GeneSegNet.io.layout` (a test checks it); they are written out here so that
+``--help`` does not import the I/O stack. Heavy modules are imported when a config is built.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from GeneSegNet.cli import add_device_args, add_verbose_arg
+from GeneSegNet.cli.upstream import add_compat_args
+from GeneSegNet.data.transforms import HEATMAP_MODES
 
 if TYPE_CHECKING:
     from GeneSegNet.evaluation.test_pass import OutputOptions
     from GeneSegNet.model.predict import EvalConfig
 
-HEATMAP_MODES = ("fixed", "percentile")
+logger = logging.getLogger(__name__)
+
+# flag destination -> EvalConfig field, for the flags passed through when given
+_EVAL_FIELDS = {
+    "diameter": "diameter",
+    "flow_threshold": "flow_threshold",
+    "confidence_threshold": "confidence_threshold",
+    "min_size": "min_size",
+    "niter": "niter",
+    "batch_size": "batch_size",
+    "tile_overlap": "tile_overlap",
+}
 
 
 def optional_path(text: str) -> Path | None:
@@ -77,56 +91,11 @@ def add_data_args(parser: argparse.ArgumentParser, *, require: Iterable[str] = (
         action="store_true",
         help="accepted for compatibility and no longer required: all channels are always used",
     )
-    compat = parser.add_argument_group(
-        "upstream compatibility", "accepted so that upstream commands run; see each flag"
-    )
-    compat.add_argument(
-        "--look_one_level_down",
-        action="store_true",
-        help="no effect: sample folders are always one level down",
-    )
-    compat.add_argument("--check_mkl", action="store_true", help="log whether torch can use MKL")
-    compat.add_argument("--unet", action="store_true", help="not supported (dead upstream)")
-    compat.add_argument(
-        "--nclasses",
-        type=int,
-        default=4,
-        help="not supported: the network has 3 outputs (dead upstream)",
-    )
-    compat.add_argument(
-        "--train",
-        action="store_true",
-        help="not supported: use GeneSeg_train.py to train (dead upstream)",
-    )
-    compat.add_argument("--train_size", action="store_true", help="not supported (dead upstream)")
-    compat.add_argument(
-        "--dir_above", action="store_true", help="no effect (ignored upstream as well)"
-    )
-    compat.add_argument("--save_ncolor", action="store_true", help="not supported")
-    compat.add_argument(
-        "--no_npy",
-        action="store_true",
-        help="no effect: no _seg.npy files are written (upstream crashed)",
-    )
-    compat.add_argument(
-        "--net_avg", action="store_true", help="no effect: one network, loaded once, is run"
-    )
-    compat.add_argument("--do_3D", action="store_true", help="not supported (2-D only)")
-    compat.add_argument(
-        "--stitch_threshold", type=float, default=0.0, help="not supported unless 0 (3-D stitching)"
-    )
-    compat.add_argument(
-        "--anisotropy", type=float, default=1.0, help="not supported unless 1 (3-D)"
-    )
-    compat.add_argument(
-        "--channel_axis", type=int, default=None, help="not supported: channels are fixed by --chan"
-    )
-    compat.add_argument("--z_axis", type=int, default=None, help="not supported (2-D only)")
+    add_compat_args(parser)
 
 
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    """Network-pass and mask settings (→ :func:`eval_config_from_args`) and filters."""
-    group = parser.add_argument_group("evaluation")
+def add_mask_args(group: argparse._ActionsContainer) -> None:
+    """Cell diameter and mask-reconstruction flags (crop and whole-slide scripts)."""
     group.add_argument(
         "--diameter",
         type=float,
@@ -151,31 +120,54 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "--min_size", type=int, default=None, help="minimum mask area in pixels (default 15)"
     )
     group.add_argument("--niter", type=int, default=None, help="flow-following steps (default 200)")
-    group.add_argument(
-        "--y_only_movers",
-        action="store_true",
-        help="upstream's rule: follow only pixels with a non-zero Y flow (exactly "
-        "horizontal flows stay unlabelled)",
+
+
+def add_network_pass_args(
+    group: argparse._ActionsContainer, *, batch_help: str, training: bool = False
+) -> None:
+    """``--batch_size`` and ``--heatmap_norm`` (crop and whole-slide scripts).
+
+    ``batch_help``: what one batch holds in the calling script. ``training``: the flag
+    sets the scaling a model is trained with (else: the scaling of a trained model).
+    """
+    heatmap_default = (
+        "default fixed; the test passes and relabelling use the same"
+        if training
+        else "default: the model's training setting; fixed for a model without one"
     )
     group.add_argument(
-        "--batch_size",
-        type=int,
-        default=None,
-        help="batch size: tiles per forward pass at evaluation (default 8); in training "
-        "also the training batch, as upstream",
-    )
-    group.add_argument(
-        "--tile_overlap",
-        type=float,
-        default=None,
-        help="overlap fraction between tiles (default 0.1)",
+        "--batch_size", type=int, default=None, help=f"{batch_help} (default 8)"
     )
     group.add_argument(
         "--heatmap_norm",
         choices=HEATMAP_MODES,
         default=None,
         help="heatmap scaling: 'fixed' divides by 255 (keeps sparse heatmaps); "
-        "'percentile' is upstream's 1-99%% normalisation (default fixed)",
+        f"'percentile' is upstream's 1-99%% normalisation ({heatmap_default})",
+    )
+
+
+def add_eval_args(parser: argparse.ArgumentParser, *, training: bool = False) -> None:
+    """Network-pass and mask settings (→ :func:`eval_config_from_args`) and filters."""
+    group = parser.add_argument_group("evaluation")
+    add_mask_args(group)
+    group.add_argument(
+        "--y_only_movers",
+        action="store_true",
+        help="upstream's rule: follow only pixels with a non-zero Y flow (exactly "
+        "horizontal flows stay unlabelled)",
+    )
+    add_network_pass_args(
+        group,
+        batch_help="batch size: tiles per forward pass at evaluation; in training also the "
+        "training batch, as upstream",
+        training=training,
+    )
+    group.add_argument(
+        "--tile_overlap",
+        type=float,
+        default=None,
+        help="overlap fraction between tiles (default 0.1)",
     )
     group.add_argument(
         "--no_resample",
@@ -300,101 +292,60 @@ def add_common_args(
     """All shared groups in one call: data, model, evaluation, output and device."""
     add_data_args(parser, require=require)
     add_model_args(parser, training=training)
-    add_eval_args(parser)
+    add_eval_args(parser, training=training)
     add_output_args(parser)
     add_device_args(parser)
 
 
-# flag -> (value that means "not used", why a different value is refused)
-_REFUSED: dict[str, tuple[Any, str]] = {
-    "unet": (False, "GeneSegNet always runs its residual flow U-Net (the flag was dead upstream)"),
-    "nclasses": (
-        4,
-        "the network has 3 outputs (dY, dX, cell probability); the flag was dead upstream",
-    ),
-    "train": (
-        False,
-        "GeneSeg_train.py always trains and GeneSeg_test.py never does (the flag "
-        "was dead upstream)",
-    ),
-    "train_size": (False, "size-model training does not exist in GeneSegNet (dead upstream)"),
-    "save_ncolor": (False, "n-colour label images are not written"),
-    "do_3D": (False, "only 2-D images are segmented"),
-    "stitch_threshold": (0.0, "3-D stitching is not implemented (2-D only)"),
-    "anisotropy": (1.0, "3-D anisotropy does not apply to 2-D images"),
-    "channel_axis": (
-        None,
-        "channels are fixed by --chan (2 = grey + heatmap, 4 = BGR + "
-        "heatmap) and read from the images/ and HeatMaps/ folders",
-    ),
-    "z_axis": (None, "only 2-D images are segmented"),
-    "no_interp": (False, "only interpolated (bilinear) flow following is implemented"),
-}
-_NO_EFFECT = {
-    "look_one_level_down": "sample folders are always read one level down",
-    "dir_above": "outputs go to <sample>/<output_visual>/ or <savedir>/<sample>/",
-    "no_npy": "no _seg.npy files are written anyway",
-    "net_avg": "one network is loaded once and run",
-}
+def eval_config_from_args(
+    args: argparse.Namespace, trained: Mapping[str, Any] | None
+) -> EvalConfig:
+    """The :class:`EvalConfig` of a run, from parsed flags and the model's training settings.
 
+    Parameters
+    ----------
+    args : flags of :func:`add_eval_args`, or of :func:`add_mask_args` plus
+        :func:`add_network_pass_args` (flags a script does not declare count as not given).
+    trained : the settings the model was trained with (a checkpoint's ``train_config``,
+        or ``TrainConfig.to_dict()`` in training); None when unknown (an upstream state
+        dict). Its ``heatmap_mode`` is used unless ``--heatmap_norm`` is given, so a model
+        is evaluated with the heatmap scaling it was trained with; a different
+        ``--heatmap_norm`` is used, with a warning.
 
-def check_unsupported(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    """Refuse unsupported flags; return notes on accepted no-effect flags.
-
-    Calls ``parser.error`` (exit 2) with a message naming the flag and the reason when
-    a flag asks for something not implemented. Returns log lines for flags that were
-    given but change nothing, and the MKL status for ``--check_mkl``. Also refuses
-    ``--no_norm`` combined with ``--invert``.
+    Only flags given override :class:`EvalConfig`'s defaults. Raises ``InputError`` for
+    invalid settings.
     """
-    for name, (inactive, why) in _REFUSED.items():
-        value = getattr(args, name, inactive)
-        if value != inactive:
-            shown = "" if isinstance(value, bool) else f" {value}"
-            parser.error(f"--{name}{shown} is not supported: {why}")
-    if getattr(args, "no_norm", False) and getattr(args, "invert", False):
-        parser.error(
-            "--invert cannot be combined with --no_norm: it inverts the normalised 0..1 intensities"
-        )
-    notes = [
-        f"--{name} has no effect: {why}"
-        for name, why in _NO_EFFECT.items()
-        if getattr(args, name, False)
-    ]
-    if getattr(args, "check_mkl", False):
-        import torch
-
-        notes.append(f"--check_mkl: torch MKL available: {torch.backends.mkl.is_available()}")
-    return notes
-
-
-def eval_config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """:class:`EvalConfig` from parsed flags; only flags given override its defaults."""
+    from GeneSegNet.errors import InputError
     from GeneSegNet.model.predict import EvalConfig
 
-    given = {
-        "diameter": args.diameter,
-        "flow_threshold": args.flow_threshold,
-        "confidence_threshold": args.confidence_threshold,
-        "min_size": args.min_size,
-        "niter": args.niter,
-        "batch_size": args.batch_size,
-        "tile_overlap": args.tile_overlap,
-        "heatmap_mode": args.heatmap_norm,
+    kwargs: dict[str, Any] = {
+        field: getattr(args, dest)
+        for dest, field in _EVAL_FIELDS.items()
+        if getattr(args, dest, None) is not None
     }
-    kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    if args.no_resample or args.fast_mode:
+    trained_mode = (trained or {}).get("heatmap_mode")
+    given_mode = getattr(args, "heatmap_norm", None)
+    if given_mode is not None and trained_mode is not None and given_mode != trained_mode:
+        logger.warning(
+            "--heatmap_norm %s differs from the model's training setting (%s): the model "
+            "sees heatmaps scaled differently from training",
+            given_mode,
+            trained_mode,
+        )
+    mode = given_mode if given_mode is not None else trained_mode
+    if mode is not None:
+        kwargs["heatmap_mode"] = mode
+    if getattr(args, "no_resample", False) or getattr(args, "fast_mode", False):
         kwargs["resample"] = False
-    if args.y_only_movers:
+    if getattr(args, "y_only_movers", False):
         kwargs["y_only_movers"] = True
-    if args.no_norm:
+    if getattr(args, "no_norm", False):
         kwargs["normalize"] = False
-    if args.invert:
+    if getattr(args, "invert", False):
         kwargs["invert"] = True
     try:
         return EvalConfig(**kwargs)
     except ValueError as exc:
-        from GeneSegNet.errors import InputError
-
         raise InputError(f"bad evaluation settings: {exc}") from None
 
 

@@ -1,0 +1,1 @@
+"""Command-line entry points that live inside the package (console scripts)."""

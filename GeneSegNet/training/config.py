@@ -1,0 +1,120 @@
+"""Settings of training: one round's :class:`TrainConfig` and the run's :class:`RecursiveConfig`.
+
+Both are frozen dataclasses validated on construction; the training loop, its batch
+pipeline, the relabelling and the recursive orchestration all import them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from GeneSegNet.data.transforms import HeatmapMode, check_heatmap_mode
+from GeneSegNet.errors import InputError
+from GeneSegNet.evaluation.test_pass import OutputOptions
+from GeneSegNet.io import layout as lay
+from GeneSegNet.training.refine import METHODS as REFINE_METHODS
+
+RELABEL_MIN_SIZE = 300  # px: refined labels drop smaller cells (upstream's min_size)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (upstream defaults). ``val_every``: validation at epochs
+    ``e % val_every == 0`` and ``e == 5``. ``save_every``: ``_last`` saved at epochs
+    ``e % save_every == 1`` (every epoch for 1) and at the final epoch. ``bf16``: bfloat16
+    autocast, CUDA only (ignored with a warning elsewhere). ``num_workers``: loader processes
+    for normalisation and augmentation (results do not depend on it). ``heatmap_mode``:
+    heatmap scaling of the inputs (see :data:`GeneSegNet.data.transforms.HEATMAP_MODES`);
+    stored in checkpoints, evaluation uses it too."""
+
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    n_epochs: int = 500
+    batch_size: int = 8
+    min_train_masks: int = 1
+    rescale: bool = True
+    scale_range: float = 0.5
+    tile: int = 224
+    save_every: int = 100
+    save_each: bool = False
+    seed: int = 0
+    heatmap_mode: HeatmapMode = "fixed"
+    bf16: bool = False
+    num_workers: int = 0
+    val_every: int = 10
+
+    def __post_init__(self) -> None:
+        positive = ("n_epochs", "batch_size", "tile", "save_every", "val_every")
+        bad = [n for n in positive if int(getattr(self, n)) < 1]
+        if bad or self.learning_rate < 0 or self.weight_decay < 0 or self.num_workers < 0:
+            raise ValueError(f"invalid training settings: {bad or 'negative value'} in {self}")
+        check_heatmap_mode(self.heatmap_mode)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class RecursiveConfig:
+    """Folders and settings of a recursive-training run
+    (:mod:`GeneSegNet.training.recursive`).
+
+    ``refined_name``: folder of each sample's refined labels (``--output_filename``);
+    ``refine_method``: per-round refinement (:mod:`GeneSegNet.training.relabel`);
+    ``relabel_min_size``: cells below this many pixels are dropped from refined labels.
+    """
+
+    train_dir: Path
+    save_model_dir: Path
+    val_dir: Path | None = None
+    test_dir: Path | None = None
+    recursive_num: int = 3
+    chan: int = 2
+    img_filter: str = lay.IMAGE_SUFFIX
+    mask_filter: str = lay.LABEL_SUFFIX
+    heatmap_filter: str = lay.HEATMAP_ALL_SUFFIX
+    refined_name: str = lay.REFINED_LABELS_DIR
+    refine_method: str = "morphology"
+    relabel_min_size: int = RELABEL_MIN_SIZE
+    relabel_last_round: bool = False
+    warm_start_rounds: bool = False
+    overwrite_newlabels: bool = False
+    select_model: str = "last"
+    exclude_on_edges: bool = False
+    size_filter: bool = False
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+    def __post_init__(self) -> None:
+        if self.recursive_num < 1:
+            raise InputError(f"--recursive_num must be >= 1, got {self.recursive_num}")
+        if self.select_model not in ("last", "best"):
+            raise InputError(f"select_model must be 'last' or 'best', got {self.select_model}")
+        if self.refine_method not in REFINE_METHODS:
+            raise InputError(f"--refine_method must be one of {REFINE_METHODS}")
+        name = self.refined_name
+        reserved = {".", "..", lay.IMAGES_DIR, lay.LABELS_DIR, lay.SPOTS_DIR, lay.HEATMAPS_DIR}
+        if not name or Path(name).name != name or name in reserved:
+            raise InputError(f"--output_filename must be a plain new folder name, got {name!r}")
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`GeneSegNet.data.dataset.load_dataset`."""
+        return {
+            "chan": self.chan,
+            "img_filter": self.img_filter,
+            "mask_filter": self.mask_filter,
+            "heatmap_filter": self.heatmap_filter,
+        }
+
+    def relabels_any_round(self) -> bool:
+        return self.recursive_num > 1 or self.relabel_last_round
+
+    def relabel_roots(self) -> list[Path]:
+        """Dataset roots whose labels the run refines (train and validation sets)."""
+        return [self.train_dir] + ([self.val_dir] if self.val_dir is not None else [])

@@ -1,0 +1,481 @@
+"""Transcript-guided growth of pseudo-labels between recursive training rounds.
+
+Starting labels are nuclei, but a cell is about twice its nucleus' diameter; its
+cytoplasm shows only through its transcripts. ``grow_labels`` lets every cell claim
+the territory its transcripts support:
+
+1. Density: spot counts per pixel smoothed by a Gaussian whose width adapts to the
+   density (about ``density_kernel_count`` transcripts under the kernel), in
+   transcripts/µm². The cell level is the median density on the input labels, the
+   background level a low quantile of the density far from any label (or of the
+   whole image when there is no such area); the foreground is the density above
+   ``background + foreground_fraction * (cell - background)``.
+2. Assignment: each spot outside the labels goes to the candidate cell (its
+   ``n_neighbours`` nearest cells within ``max_growth_um`` of their label) that
+   maximises ``log p_cell(gene) - 0.5 * (distance / distance_scale_um)**2``, or stays
+   unclaimed when ``log p_all(gene) - other_penalty`` is higher. ``p_cell`` is the
+   gene profile of the transcripts inside the cell (smoothed toward the global
+   profile by ``profile_pseudocount``); a second iteration re-estimates it from the
+   grown cells.
+3. Pixels: a seeded watershed from the labels and the assigned spots (unclaimed
+   spots seed a blocking region) over the foreground within ``max_growth_um`` of a
+   label; a cell keeps only the grown pieces connected to its input pixels, so it
+   never shrinks or vanishes.
+4. New cells: the unclaimed foreground, cut into cell-sized pieces by a
+   distance-transform watershed, becomes new cells where a piece has at least
+   ``new_cell_min_area_um2`` and ``new_cell_min_transcripts``.
+
+``merge_with_previous`` builds the next round's labels from the model's prediction
+and the previous labels; ``label_stats`` summarises labels for the run manifest.
+Coordinates: spots at continuous (row, col) pixels; a spot's pixel is
+``(floor(row), floor(col))``; spots outside the image are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from skimage.feature import peak_local_max
+from skimage.measure import label as connected_components
+from skimage.segmentation import watershed
+
+from GeneSegNet.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GrowParams:
+    """Constants of the transcript-guided growth (lengths in µm, areas in µm²)."""
+
+    max_growth_um: float = 5.0  # farthest a cell grows beyond its input label
+    growth_scale_um: float | None = None  # distance prior width; None: max_growth_um / 2
+    density_kernel_count: float = 8.0  # expected transcripts under the density kernel
+    density_sigma_min_um: float = 1.0
+    density_sigma_max_um: float = 4.0
+    background_quantile: float = 0.05  # of the density far from any label
+    background_margin_um: float = 3.0  # "far" = beyond max_growth_um + this margin
+    min_background_fraction: float = 0.05  # of the image, else the whole image is used
+    foreground_fraction: float = 0.5  # threshold between background and cell level
+    profile_pseudocount: float = 10.0  # transcripts of global profile added to each cell
+    other_penalty: float = 1.0  # log-odds a spot needs to join a cell rather than none
+    n_neighbours: int = 4  # candidate cells per spot
+    n_iterations: int = 2  # assignment rounds (profiles re-estimated from grown cells)
+    max_hole_area_um2: float = 10.0  # enclosed background holes up to this are filled
+    new_cell_min_area_um2: float = 30.0
+    new_cell_min_transcripts: int = 5
+    new_cell_diameter_um: float | None = None  # None: from the grown cells' median area
+    merge_overlap_fraction: float = 0.2  # below this a previous cell counts as missed
+
+    @property
+    def distance_scale_um(self) -> float:
+        """Width of the distance prior in µm (``growth_scale_um`` or max_growth_um / 2)."""
+        return self.max_growth_um / 2 if self.growth_scale_um is None else self.growth_scale_um
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """Plain dict of every constant (for the run manifest)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DensityLevels:
+    """Transcript density levels of one image (per µm²) and the smoothed map."""
+
+    sigma_um: float
+    cell_per_um2: float
+    background_per_um2: float
+    threshold_per_um2: float
+    density_per_um2: np.ndarray  # (H, W) float64
+
+
+def _check_labels(labels: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(labels)
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"{name} must be a 2-D integer label image, got {array.dtype} "
+                         f"{array.shape}")
+    if array.size and array.min() < 0:
+        raise InputError(f"{name} has negative ids; 0 is background")
+    return array.astype(np.int64)
+
+
+def _spot_pixels(rows_px: np.ndarray, cols_px: np.ndarray, shape: tuple[int, int]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, col) int pixels of the in-image spots and the (N,) bool in-image mask."""
+    rows = np.floor(np.asarray(rows_px, dtype=np.float64))
+    cols = np.floor(np.asarray(cols_px, dtype=np.float64))
+    if rows.shape != cols.shape or rows.ndim != 1:
+        raise InputError(f"rows_px and cols_px must be 1-D of equal length, got {rows.shape} "
+                         f"and {cols.shape}")
+    with np.errstate(invalid="ignore"):
+        inside = (rows >= 0) & (cols >= 0) & (rows < shape[0]) & (cols < shape[1])
+    return rows[inside].astype(np.int64), cols[inside].astype(np.int64), inside
+
+
+def _counts(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) float64 spots per pixel."""
+    flat = np.bincount(rows * shape[1] + cols, minlength=shape[0] * shape[1])
+    return flat.reshape(shape).astype(np.float64)
+
+
+def estimate_levels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray, *,
+                    pixel_size_um: float, params: GrowParams = GrowParams()) -> DensityLevels:
+    """Smoothed transcript density and its cell / background / threshold levels (per µm²)."""
+    labels = _check_labels(labels, "labels")
+    rows, cols, _ = _spot_pixels(rows_px, cols_px, labels.shape)
+    counts = _counts(rows, cols, labels.shape)
+    pixel_area = pixel_size_um ** 2
+    in_cells = labels > 0
+    if in_cells.any():
+        raw_cell = counts[in_cells].sum() / (in_cells.sum() * pixel_area)
+    else:
+        raw_cell = counts.sum() / (counts.size * pixel_area)
+    raw_cell = max(raw_cell, 1e-12)
+    sigma_um = float(np.clip(np.sqrt(params.density_kernel_count / (2 * np.pi * raw_cell)),
+                             params.density_sigma_min_um, params.density_sigma_max_um))
+    density = ndimage.gaussian_filter(counts, sigma_um / pixel_size_um, mode="reflect")
+    density /= pixel_area
+    cell_level = float(np.median(density[in_cells])) if in_cells.any() else \
+        float(np.quantile(density, 0.9))
+    far_px = (params.max_growth_um + params.background_margin_um) / pixel_size_um
+    far = ndimage.distance_transform_edt(~in_cells) > far_px if in_cells.any() else \
+        np.ones(labels.shape, dtype=bool)
+    pool = density[far] if far.mean() >= params.min_background_fraction else density.ravel()
+    background = float(np.quantile(pool, params.background_quantile))
+    background = min(background, cell_level)
+    threshold = background + params.foreground_fraction * (cell_level - background)
+    logger.debug("density levels /µm²: cell %.3g, background %.3g, threshold %.3g "
+                 "(sigma %.2f µm)", cell_level, background, threshold, sigma_um)
+    return DensityLevels(sigma_um, cell_level, background, threshold, density)
+
+
+def _log_profiles(cell_of_spot: np.ndarray, genes: np.ndarray, n_ids: int, n_genes: int,
+                  pseudocount: float) -> np.ndarray:
+    """(n_ids, n_genes) log gene probabilities; row 0 = global profile of all spots."""
+    overall = np.bincount(genes, minlength=n_genes).astype(np.float64) + 0.5
+    overall /= overall.sum()
+    table = np.zeros((n_ids, n_genes))
+    np.add.at(table, (cell_of_spot, genes), 1.0)
+    table[1:] += pseudocount * overall
+    table[1:] /= table[1:].sum(axis=1, keepdims=True)
+    table[0] = overall
+    return np.log(table)
+
+
+def _cell_geometry(labels: np.ndarray, n_ids: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n_ids, 2) centroids (row, col) px and (n_ids,) equivalent radii px; NaN if absent."""
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n_ids).astype(np.float64)
+    rr, cc = np.indices(labels.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centre_r = np.bincount(flat, rr.ravel(), minlength=n_ids) / area
+        centre_c = np.bincount(flat, cc.ravel(), minlength=n_ids) / area
+    radius = np.sqrt(area / np.pi)
+    return np.stack([centre_r, centre_c], axis=1), radius
+
+
+def _colour_cells(labels: np.ndarray, reach_px: float) -> tuple[np.ndarray, int]:
+    """Colour classes (n_ids,) int (0 for absent ids) such that two cells whose reach
+    zones (label + ``reach_px``) may touch never share a colour; and the colour count."""
+    n_ids = int(labels.max()) + 1
+    centres, radius = _cell_geometry(labels, n_ids)
+    present = np.flatnonzero((np.arange(n_ids) > 0) & (radius > 0))
+    colour = np.zeros(n_ids, dtype=np.int64)
+    if present.size == 0:
+        return colour, 0
+    # a label fits in a disc around its centroid of radius <= its half extent; use the
+    # bounding-box half diagonal as a safe bound
+    slices = ndimage.find_objects(labels)
+    extent = np.zeros(n_ids)
+    for i in present:
+        s = slices[i - 1]
+        span_r, span_c = s[0].stop - s[0].start, s[1].stop - s[1].start
+        extent[i] = np.hypot(span_r, span_c)
+    tree = cKDTree(centres[present])
+    limit = 2 * extent[present].max() + 2 * reach_px + 2
+    pairs = tree.query_pairs(limit, output_type="ndarray")
+    a, b = present[pairs[:, 0]], present[pairs[:, 1]]
+    gap = np.hypot(*(centres[a] - centres[b]).T)
+    close = gap <= extent[a] + extent[b] + 2 * reach_px + 2
+    a, b = a[close], b[close]
+    neighbours: list[list[int]] = [[] for _ in range(n_ids)]
+    for i, j in zip(a.tolist(), b.tolist(), strict=True):
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+    order = sorted(present.tolist(), key=lambda i: -len(neighbours[i]))
+    for i in order:
+        used = {int(colour[j]) for j in neighbours[i]}
+        c = 1
+        while c in used:
+            c += 1
+        colour[i] = c
+    return colour, int(colour.max())
+
+
+def _territories(labels: np.ndarray, colour: np.ndarray, n_colours: int, reach_px: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Per colour class: (K, H, W) int32 id of the class' cell within reach (0 = none)
+    and (K, H, W) float32 distance px to that cell's label."""
+    ids = np.zeros((n_colours,) + labels.shape, dtype=np.int32)
+    dist = np.zeros((n_colours,) + labels.shape, dtype=np.float32)
+    for k in range(n_colours):
+        own = colour[labels] == k + 1
+        d, (near_r, near_c) = ndimage.distance_transform_edt(~own, return_indices=True)
+        reach = d <= reach_px
+        ids[k] = np.where(reach, labels[near_r, near_c], 0)
+        dist[k] = d
+    return ids, dist
+
+
+def _assign(labels: np.ndarray, spot_ids: np.ndarray, spot_dist_um: np.ndarray,
+            rows: np.ndarray, cols: np.ndarray, genes: np.ndarray, log_p: np.ndarray,
+            params: GrowParams) -> np.ndarray:
+    """Cell id of each spot (0 = unclaimed); spots inside a label keep that label.
+
+    ``spot_ids``/``spot_dist_um``: (N, K) candidate cell (0 = none) and its distance
+    in µm, one per colour class."""
+    out = labels[rows, cols].copy()
+    todo = np.flatnonzero(out == 0)
+    if todo.size == 0 or spot_ids.shape[1] == 0:
+        return out
+    cand, gap_um = spot_ids[todo], spot_dist_um[todo]
+    g = genes[todo]
+    score = log_p[cand, g[:, None]] - 0.5 * (gap_um / params.distance_scale_um) ** 2
+    score = np.where(cand > 0, score, -np.inf)
+    best = np.argmax(score, axis=1)
+    pick = np.arange(todo.size)
+    other = log_p[0, g] - params.other_penalty
+    out[todo] = np.where(score[pick, best] > other, cand[pick, best], 0)
+    return out
+
+
+def _keep_connected(grown: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Drop the grown pieces of a cell that do not touch its input pixels."""
+    pieces = connected_components(grown, background=0, connectivity=1)
+    keep = np.zeros(int(pieces.max()) + 1, dtype=bool)
+    keep[np.unique(pieces[labels > 0])] = True
+    keep[0] = False
+    return np.where(keep[pieces], grown, 0)
+
+
+def _fill_small_holes(grown: np.ndarray, max_area_px: float) -> np.ndarray:
+    """Fill enclosed background holes up to ``max_area_px`` with the nearest cell."""
+    holes = ndimage.binary_fill_holes(grown > 0) & (grown == 0)
+    if not holes.any():
+        return grown
+    hole_ids, n_holes = ndimage.label(holes)
+    sizes = np.bincount(hole_ids.ravel(), minlength=n_holes + 1)
+    small = (sizes <= max_area_px)
+    small[0] = False
+    fill = small[hole_ids]
+    if not fill.any():
+        return grown
+    _, (near_r, near_c) = ndimage.distance_transform_edt(grown == 0, return_indices=True)
+    out = grown.copy()
+    out[fill] = grown[near_r[fill], near_c[fill]]
+    return out
+
+
+def _grow_once(labels: np.ndarray, territory: np.ndarray, dist_um: np.ndarray,
+               colour: np.ndarray, foreground: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+               cell_of_spot: np.ndarray, sigma_px: float, params: GrowParams,
+               pixel_size_um: float) -> np.ndarray:
+    """Label the foreground pixels within reach; (H, W) int64.
+
+    Among the cells that reach a pixel, the one with the highest smoothed density of its
+    assigned spots times the distance prior ``exp(-0.5 * (d / distance_scale_um)**2)``
+    wins; it takes the pixel if its (unweighted) density beats that of the unclaimed
+    spots."""
+    shape = labels.shape
+    unclaimed = _counts(rows[cell_of_spot == 0], cols[cell_of_spot == 0], shape)
+    unclaimed = ndimage.gaussian_filter(unclaimed, sigma_px)
+    best_score = np.zeros(shape)
+    best_evidence = np.zeros(shape)
+    grown = np.zeros(shape, dtype=np.int64)
+    spot_colour = colour[cell_of_spot]
+    for k in range(territory.shape[0]):
+        mine = spot_colour == k + 1
+        evidence = ndimage.gaussian_filter(_counts(rows[mine], cols[mine], shape), sigma_px)
+        score = evidence * np.exp(-0.5 * (dist_um[k] / params.distance_scale_um) ** 2)
+        win = (territory[k] > 0) & (score > best_score)
+        grown[win] = territory[k][win]
+        best_score[win] = score[win]
+        best_evidence[win] = evidence[win]
+    grown[~foreground | (best_evidence <= unclaimed)] = 0
+    grown[labels > 0] = labels[labels > 0]
+    grown = _keep_connected(grown, labels)
+    grown = _fill_small_holes(grown, params.max_hole_area_um2 / pixel_size_um ** 2)
+    grown[labels > 0] = labels[labels > 0]
+    return grown
+
+
+def _new_cells(grown: np.ndarray, foreground: np.ndarray, counts: np.ndarray,
+               pixel_size_um: float, params: GrowParams) -> np.ndarray:
+    """(H, W) int64 new cells (ids from 1) in the unclaimed foreground."""
+    pixel_area = pixel_size_um ** 2
+    free = foreground & (grown == 0)
+    free = ndimage.binary_opening(free, structure=np.ones((3, 3), dtype=bool))
+    regions, n = ndimage.label(free)
+    if n == 0:
+        return regions.astype(np.int64)
+    if params.new_cell_diameter_um is not None:
+        diameter_um = params.new_cell_diameter_um
+    elif grown.max() > 0:
+        areas = np.bincount(grown.ravel())[1:]
+        diameter_um = 2 * np.sqrt(np.median(areas[areas > 0]) * pixel_area / np.pi)
+    else:
+        diameter_um = 4 * params.max_growth_um
+    cell_area_px = np.pi * (diameter_um / 2) ** 2 / pixel_area
+    sizes = np.bincount(regions.ravel(), minlength=n + 1)
+    big = sizes > 1.5 * cell_area_px
+    big[0] = False
+    if big.any():
+        region_big = np.where(big[regions], regions, 0)
+        dist = ndimage.distance_transform_edt(region_big > 0)
+        min_distance = max(1, int(round(0.35 * diameter_um / pixel_size_um)))
+        peaks = peak_local_max(dist, min_distance=min_distance, labels=region_big,
+                               exclude_border=False)
+        seeds = np.zeros(regions.shape, dtype=np.int64)
+        seeds[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1) + n
+        pieces = watershed(-dist, seeds, mask=region_big > 0)
+        regions = np.where(big[regions], pieces, regions)
+    ids, dense = np.unique(regions, return_inverse=True)
+    dense = dense.reshape(regions.shape)
+    area_um2 = np.bincount(dense.ravel(), minlength=ids.size) * pixel_area
+    n_spots = np.bincount(dense.ravel(), counts.ravel(), minlength=ids.size)
+    ok = (area_um2 >= params.new_cell_min_area_um2) & \
+        (n_spots >= params.new_cell_min_transcripts) & (ids > 0)
+    new_id = np.zeros(ids.size, dtype=np.int64)
+    new_id[ok] = np.arange(1, int(ok.sum()) + 1)
+    return new_id[dense]
+
+
+def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
+                gene_codes: np.ndarray, *, pixel_size_um: float,
+                params: GrowParams = GrowParams()) -> np.ndarray:
+    """Grow every cell into the territory its transcripts support; add new cells.
+
+    Parameters
+    ----------
+    labels : ndarray (H, W), integer
+        Input cells (e.g. expanded nuclei), 0 = background.
+    rows_px, cols_px : ndarray (N,), float
+        Spot coordinates in pixels (row = y, col = x); pixel = (floor(row), floor(col)).
+    gene_codes : ndarray (N,), integer
+        Gene index of each spot (0..n_genes-1).
+    pixel_size_um : float
+        µm per pixel.
+
+    Returns
+    -------
+    ndarray (H, W), int32
+        Every input cell with its id and at least its input pixels, plus new cells
+        numbered after ``labels.max()``.
+    """
+    labels = _check_labels(labels, "labels")
+    if pixel_size_um <= 0:
+        raise InputError(f"pixel_size_um must be positive, got {pixel_size_um}")
+    genes_all = np.asarray(gene_codes)
+    if genes_all.shape != np.shape(rows_px) or not np.issubdtype(genes_all.dtype, np.integer):
+        raise InputError("gene_codes must be integer codes, one per spot")
+    rows, cols, inside = _spot_pixels(rows_px, cols_px, labels.shape)
+    genes = genes_all[inside].astype(np.int64)
+    if genes.size and genes.min() < 0:
+        raise InputError("gene_codes must be >= 0")
+    levels = estimate_levels(labels, rows_px, cols_px, pixel_size_um=pixel_size_um,
+                             params=params)
+    foreground = levels.density_per_um2 > levels.threshold_per_um2
+    counts = _counts(rows, cols, labels.shape)
+    n_ids = int(labels.max()) + 1
+    n_genes = int(genes.max()) + 1 if genes.size else 1
+    reach_px = params.max_growth_um / pixel_size_um
+    colour, n_colours = _colour_cells(labels, reach_px)
+    territory, dist_px = _territories(labels, colour, n_colours, reach_px)
+    spot_ids = territory[:, rows, cols].T.astype(np.int64)  # (N, K)
+    spot_dist_um = dist_px[:, rows, cols].T.astype(np.float64) * pixel_size_um
+    dist_um = dist_px * np.float32(pixel_size_um)
+    del dist_px
+    sigma_px = levels.sigma_um / pixel_size_um
+    grown = labels.copy()
+    for _ in range(max(1, params.n_iterations) if n_colours else 0):
+        log_p = _log_profiles(grown[rows, cols], genes, n_ids, n_genes,
+                              params.profile_pseudocount)
+        cell_of_spot = _assign(labels, spot_ids, spot_dist_um, rows, cols, genes, log_p,
+                               params)
+        grown = _grow_once(labels, territory, dist_um, colour, foreground, rows, cols, cell_of_spot,
+                           sigma_px, params, pixel_size_um)
+    new = _new_cells(grown, foreground, counts, pixel_size_um, params)
+    out = np.where(new > 0, new + (n_ids - 1), grown)
+    logger.info("grow_labels: %d input cells, %d new cells; density /µm² cell %.3g, "
+                "background %.3g", len(np.unique(labels)) - 1, int(new.max()),
+                levels.cell_per_um2, levels.background_per_um2)
+    return out.astype(np.int32)
+
+
+def merge_with_previous(predicted: np.ndarray, previous: np.ndarray, rows_px: np.ndarray,
+                        cols_px: np.ndarray, *, pixel_size_um: float,
+                        params: GrowParams = GrowParams()) -> tuple[np.ndarray, dict[str, int]]:
+    """Next round's labels: the predicted cells plus the previous cells the model missed.
+
+    A previous cell is missed when less than ``merge_overlap_fraction`` of its pixels lie
+    in predicted cells. A missed cell is added back (its pixels outside predicted cells,
+    under a new id) unless its transcript density is at background level (not above the
+    foreground threshold of ``estimate_levels`` on the previous labels); then it is
+    dropped, rejected by both the model and the transcripts.
+
+    Returns
+    -------
+    labels : ndarray (H, W), int32, ids 1..K
+    counts : dict
+        ``kept`` (predicted cells), ``added_back``, ``dropped``.
+    """
+    predicted = _check_labels(predicted, "predicted")
+    previous = _check_labels(previous, "previous")
+    if predicted.shape != previous.shape:
+        raise InputError(f"predicted {predicted.shape} and previous {previous.shape} differ")
+    pred_ids, pred_dense = np.unique(predicted, return_inverse=True)
+    out = pred_dense.reshape(predicted.shape).astype(np.int64)  # 0 stays 0: ids 1..K
+    n_kept = int((pred_ids > 0).sum())
+    n_prev = int(previous.max()) + 1
+    area = np.bincount(previous.ravel(), minlength=n_prev)
+    covered = np.bincount(previous.ravel(), (predicted > 0).ravel(), minlength=n_prev)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        missed = (covered / area) < params.merge_overlap_fraction
+    missed &= area > 0
+    missed[0] = False
+    rows, cols, _ = _spot_pixels(rows_px, cols_px, previous.shape)
+    levels = estimate_levels(previous, rows_px, cols_px, pixel_size_um=pixel_size_um,
+                             params=params)
+    n_spots = np.bincount(previous[rows, cols], minlength=n_prev)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        density = n_spots / (area * pixel_size_um ** 2)
+    dropped = missed & ~(density > levels.threshold_per_um2)
+    added = missed & ~dropped
+    new_id = np.zeros(n_prev, dtype=np.int64)
+    new_id[added] = n_kept + np.arange(1, int(added.sum()) + 1)
+    put = (new_id[previous] > 0) & (out == 0)
+    out[put] = new_id[previous][put]
+    counts = {"kept": n_kept, "added_back": int(added.sum()), "dropped": int(dropped.sum())}
+    logger.info("merge_with_previous: %s", counts)
+    return out.astype(np.int32), counts
+
+
+def label_stats(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
+                pixel_size_um: float) -> dict[str, float | int]:
+    """``n_cells``, ``median_area_um2`` (NaN without cells) and
+    ``fraction_transcripts_in_cells`` (of in-image spots; NaN without spots)."""
+    labels = _check_labels(labels, "labels")
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas > 0]
+    rows, cols, _ = _spot_pixels(rows_px, cols_px, labels.shape)
+    in_cells = labels[rows, cols] > 0
+    return {
+        "n_cells": int(areas.size),
+        "median_area_um2": float(np.median(areas) * pixel_size_um ** 2) if areas.size
+        else float("nan"),
+        "fraction_transcripts_in_cells": float(in_cells.mean()) if in_cells.size
+        else float("nan"),
+    }

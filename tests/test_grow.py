@@ -1,0 +1,210 @@
+"""Tests of the transcript-guided label growth (GeneSegNet.training.grow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.segmentation import expand_labels
+
+from GeneSegNet.data.simulate import preset_config, simulate_tissue
+from GeneSegNet.evaluation.metrics import average_precision, per_cell_best_iou
+from GeneSegNet.training.grow import GrowParams, grow_labels, label_stats, merge_with_previous
+
+
+def _spots_in(mask: np.ndarray, per_px: float, genes: list[int], rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Uniform spots inside ``mask`` (per_px expected per pixel), genes drawn from ``genes``."""
+    rr, cc = np.nonzero(mask)
+    n = rng.poisson(per_px * rr.size)
+    pick = rng.integers(0, rr.size, n)
+    return (rr[pick] + rng.uniform(0, 1, n), cc[pick] + rng.uniform(0, 1, n),
+            rng.choice(genes, n))
+
+
+def _concat(*parts: tuple[np.ndarray, np.ndarray, np.ndarray]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore
+
+
+def _disc(shape: tuple[int, int], row: float, col: float, radius: float) -> np.ndarray:
+    rr, cc = np.indices(shape)
+    return (rr - row) ** 2 + (cc - col) ** 2 <= radius ** 2
+
+
+def _right_cell_fraction(pred: np.ndarray, true: np.ndarray, rows: np.ndarray,
+                         cols: np.ndarray, true_id: np.ndarray) -> float:
+    """Fraction of cell spots whose predicted cell overlaps their true cell most."""
+    n_t = int(true.max()) + 1
+    table = np.bincount(pred.ravel() * n_t + true.ravel(), minlength=(pred.max() + 1) * n_t)
+    table = table.reshape(-1, n_t)
+    table[:, 0] = 0
+    best = table.argmax(axis=1)
+    best[0] = 0
+    r, c = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    keep = true_id > 0
+    return float(np.mean(best[pred[r[keep], c[keep]]] == true_id[keep]))
+
+
+@pytest.fixture(scope="module")
+def demo_sample():
+    cfg = preset_config("demo", height=256, width=256)
+    sample = simulate_tissue(cfg, 3)
+    spots = sample.spots
+    genes = np.unique(spots["gene"].to_numpy(), return_inverse=True)[1]
+    rows, cols = spots["y"].to_numpy(), spots["x"].to_numpy()
+    grown = grow_labels(sample.labels, rows, cols, genes, pixel_size_um=cfg.pixel_size_um)
+    return sample, rows, cols, genes, grown
+
+
+def test_grow_beats_plain_expansion_on_simulated_tissue(demo_sample):
+    sample, rows, cols, _, grown = demo_sample
+    px = sample.pixel_size_um
+    baseline = expand_labels(sample.labels, GrowParams().max_growth_um / px)
+    truth_ids = sample.spots["cell_id"].to_numpy()
+    iou_grow = per_cell_best_iou(sample.cells, grown).mean()
+    iou_base = per_cell_best_iou(sample.cells, baseline).mean()
+    right_grow = _right_cell_fraction(grown, sample.cells, rows, cols, truth_ids)
+    right_base = _right_cell_fraction(baseline, sample.cells, rows, cols, truth_ids)
+    ap_grow = average_precision(sample.cells, grown, (0.5,))["AP@0.5"]
+    ap_base = average_precision(sample.cells, baseline, (0.5,))["AP@0.5"]
+    assert iou_grow > iou_base + 0.08
+    assert right_grow > right_base + 0.03
+    assert ap_grow > ap_base + 0.1
+
+
+def test_no_input_cell_shrinks_or_vanishes(demo_sample):
+    sample, _, _, _, grown = demo_sample
+    inside = sample.labels > 0
+    np.testing.assert_array_equal(grown[inside], sample.labels[inside])
+    # new cells take ids above the input ones
+    assert set(np.unique(grown[~inside])) - {0} <= set(range(1, grown.max() + 1))
+    assert grown.dtype == np.int32
+
+
+def test_dim_nucleus_cells_are_recovered(demo_sample):
+    sample, _, _, _, grown = demo_sample
+    unlabelled = [i for i in range(1, sample.cells.max() + 1)
+                  if sample.dim[i] and (sample.cells == i).sum() > 150]
+    assert len(unlabelled) >= 5
+    new = np.where(grown > sample.labels.max(), grown, 0)
+    best = per_cell_best_iou(sample.cells, new)
+    recovered = np.mean([best[i - 1] >= 0.5 for i in unlabelled])
+    assert recovered >= 0.5
+
+
+def test_unlabelled_dense_region_becomes_a_new_cell():
+    rng = np.random.default_rng(0)
+    shape = (80, 160)
+    cell_a = _disc(shape, 40, 40, 16)
+    cell_b = _disc(shape, 40, 120, 16)  # its nucleus is too dim: no label
+    labels = _disc(shape, 40, 40, 7).astype(np.int32)
+    spots = _concat(_spots_in(cell_a, 0.4, [0, 1, 2], rng), _spots_in(cell_b, 0.4, [3, 4], rng),
+                    _spots_in(np.ones(shape, bool), 0.01, [0, 1, 2, 3, 4], rng))
+    grown = grow_labels(labels, *spots, pixel_size_um=0.5)
+    assert set(np.unique(grown)) == {0, 1, 2}
+    new = grown == 2
+    assert (new & cell_b).sum() / (new | cell_b).sum() > 0.6
+    # the labelled cell grew into its own cell, and only there
+    own = grown == 1
+    assert (own & cell_a).sum() / (own | cell_a).sum() > 0.7
+
+
+def test_boundary_between_touching_cells_follows_the_transcripts():
+    """Two touching cells of different types; the true boundary is off the midline
+    between the nuclei, so the plain expansion splits them in the wrong place."""
+    rng = np.random.default_rng(1)
+    shape = (60, 140)
+    rr, cc = np.indices(shape)
+    band = (rr >= 10) & (rr < 50)
+    true = np.where(band & (cc >= 20) & (cc < 80), 1, 0)
+    true = np.where(band & (cc >= 80) & (cc < 125), 2, true)
+    labels = (_disc(shape, 30, 45, 8) * 1 + _disc(shape, 30, 100, 8) * 2).astype(np.int32)
+    parts = [_spots_in(true == 1, 0.5, [0, 1, 2, 3], rng),
+             _spots_in(true == 2, 0.5, [4, 5, 6, 7], rng)]
+    ids = np.concatenate([np.full(len(parts[0][0]), 1), np.full(len(parts[1][0]), 2)])
+    rows, cols, genes = _concat(*parts)
+    params = GrowParams(max_growth_um=14.0, growth_scale_um=10.0)
+    grown = grow_labels(labels, rows, cols, genes, pixel_size_um=0.5, params=params)
+    baseline = expand_labels(labels, params.max_growth_um / 0.5)
+    right_grow = _right_cell_fraction(grown, true, rows, cols, ids)
+    right_base = _right_cell_fraction(baseline, true, rows, cols, ids)
+    assert right_grow > 0.95
+    assert right_grow > right_base + 0.02
+    assert per_cell_best_iou(true, grown).min() > 0.85
+    # first column of cell 2 along the rows away from the band's edges: truth 80,
+    # midline between the nuclei (the plain expansion) 72-73
+    first_b = [int(np.argmax(grown[r] == 2)) for r in range(15, 45)]
+    assert abs(np.median(first_b) - 80) <= 2
+
+
+def test_background_only_regions_do_not_become_cells():
+    rng = np.random.default_rng(2)
+    shape = (200, 200)
+    cell = _disc(shape, 50, 50, 14)
+    labels = _disc(shape, 50, 50, 6).astype(np.int32)
+    spots = _concat(_spots_in(cell, 0.3, [0, 1, 2], rng),
+                    _spots_in(np.ones(shape, bool), 0.015, list(range(8)), rng))
+    grown = grow_labels(labels, *spots, pixel_size_um=0.5)
+    assert set(np.unique(grown)) == {0, 1}
+    # growth stays within max_growth_um (5 µm = 10 px) of the input label
+    rr, cc = np.nonzero(grown == 1)
+    assert np.hypot(rr - 50, cc - 50).max() <= 6 + 10 + 1
+
+
+def test_sparse_and_dense_densities_both_grow():
+    """Same geometry at ISS-like (0.05/µm²) and Xenium-like (2/µm²) densities."""
+    shape = (120, 120)
+    cell = _disc(shape, 60, 60, 26)  # 13 µm radius at 0.5 µm/px
+    labels = _disc(shape, 60, 60, 13).astype(np.int32)  # the nucleus: half the radius
+    input_iou = (13 / 26) ** 2
+    for per_um2, min_iou in ((0.05, 0.55), (2.0, 0.9)):  # ~18 and ~1000 transcripts
+        rng = np.random.default_rng(3)
+        spots = _spots_in(cell, per_um2 * 0.25, [0, 1], rng)
+        params = GrowParams(max_growth_um=10.0)
+        grown = grow_labels(labels, *spots, pixel_size_um=0.5, params=params)
+        iou = ((grown == 1) & cell).sum() / ((grown == 1) | cell).sum()
+        assert iou > min_iou > input_iou, per_um2
+
+
+def test_merge_keeps_a_missed_cell_and_drops_an_empty_one():
+    rng = np.random.default_rng(4)
+    shape = (100, 100)
+    previous = np.zeros(shape, dtype=np.int32)
+    previous[10:30, 10:30] = 1  # predicted again
+    previous[10:30, 60:80] = 2  # missed by the model, transcripts inside: added back
+    previous[60:80, 60:80] = 3  # missed, no transcripts: rejected by both, dropped
+    previous[60:80, 10:30] = 4  # predicted only on 10 % of its pixels: added back in part
+    predicted = np.zeros(shape, dtype=np.int32)
+    predicted[12:32, 12:32] = 7
+    predicted[60:62, 10:30] = 9
+    spots = _concat(_spots_in(previous == 1, 0.3, [0], rng), _spots_in(previous == 2, 0.3, [0],
+                                                                         rng),
+                    _spots_in(previous == 4, 0.3, [0], rng))
+    merged, counts = merge_with_previous(predicted, previous, spots[0], spots[1],
+                                         pixel_size_um=0.5)
+    assert counts == {"kept": 2, "added_back": 2, "dropped": 1}
+    assert set(np.unique(merged)) == {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(merged > 0, (predicted > 0) | np.isin(previous, [2, 4]))
+    assert len(np.unique(merged[10:30, 60:80])) == 1 and merged[20, 70] > 0
+    assert (merged[60:62, 10:30] == merged[61, 15]).all()  # predicted pixels stay predicted
+    assert merged[70, 20] not in (0, merged[61, 15])
+
+
+def test_label_stats_analytic():
+    labels = np.zeros((10, 20), dtype=np.int32)
+    labels[0:4, 0:4] = 1  # 16 px
+    labels[5:10, 10:20] = 5  # 50 px
+    rows = np.array([1.5, 2.0, 7.2, 9.9, 9.0, 12.0])  # last one outside the image
+    cols = np.array([1.5, 3.9, 15.0, 0.5, 19.99, 1.0])
+    stats = label_stats(labels, rows, cols, pixel_size_um=0.5)
+    assert stats["n_cells"] == 2
+    assert stats["median_area_um2"] == pytest.approx(33 * 0.25)
+    assert stats["fraction_transcripts_in_cells"] == pytest.approx(4 / 5)
+
+
+def test_params_to_dict_has_units():
+    params = GrowParams()
+    d = params.to_dict()
+    assert d["max_growth_um"] == 5.0
+    assert {"new_cell_min_area_um2", "new_cell_min_transcripts"} <= set(d)
+    assert GrowParams(**d) == params
