@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         import GeneSegNet
         from GeneSegNet.cli.args import eval_config_from_args, output_options_from_args
+        from GeneSegNet.data.model_input import check_model_channels, model_input_from_meta
         from GeneSegNet.device import get_device
         from GeneSegNet.errors import InputError
         from GeneSegNet.evaluation.test_pass import evaluate_dataset, format_metrics
@@ -97,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("GeneSegNet %s, GeneSeg_test.py, device %s", GeneSegNet.__version__, device)
         for note in notes:
             logger.warning("%s", note)
-        net, meta = load_checkpoint(args.pretrained_model, device, expect_nchan=args.chan)
+        net, meta = load_checkpoint(args.pretrained_model, device)
+        model_input = model_input_from_meta(meta)
+        check_model_channels(net.config.nchan, args.chan, model_input, args.pretrained_model)
         for note in _architecture_notes(args, meta):
             logger.warning("%s", note)
-        cfg = eval_config_from_args(args, meta.get("train_config"))
+        cfg = eval_config_from_args(args, meta.get("train_config"), model_input=model_input)
         logger.info(
             "model %s: diam_mean %.3g, diam_labels %.3g",
             args.pretrained_model,

@@ -25,6 +25,7 @@ from pathlib import Path
 from GeneSegNet.cli import run_reporting_errors
 from GeneSegNet.cli.args import add_common_args, optional_path
 from GeneSegNet.cli.upstream import check_unsupported
+from GeneSegNet.dynamics import DEFAULT_FLOW_TARGET_MODE, FLOW_TARGET_MODES
 from GeneSegNet.log import setup_logging
 
 logger = logging.getLogger("GeneSegNet.scripts.GeneSeg_train")
@@ -54,10 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     g.add_argument("--num_workers", type=int, default=0, help="data loader processes")
     g.add_argument("--deterministic", action="store_true", help="deterministic torch kernels")
-    g.add_argument("--refine_method", choices=("morphology", "fast", "levelset"),
-                   default="morphology", help="label refinement (see GeneSegNet.training.refine): "
-                   "morphology = the §6.2 rule, quickest; fast = exact level-set result "
-                   "(slow for small cells); levelset = literal upstream computation")  # fmt: skip
+    g.add_argument("--flow_targets", choices=FLOW_TARGET_MODES, default=DEFAULT_FLOW_TARGET_MODE,
+                   help="flow training targets: 'isolated' (each cell as if alone; no heat "
+                        "leaks between touching cells) or 'upstream' (leaking)")
+    g.add_argument("--refine_method", choices=("auto", "grow", "morphology", "fast", "levelset"),
+                   default="auto", help="relabelling between rounds: grow = merge the prediction "
+                   "with the previous labels and grow them along the transcripts "
+                   "(GeneSegNet.training.grow; needs µm: sample info or --pixel_size); "
+                   "upstream's refinements (GeneSegNet.training.refine): morphology = the §6.2 "
+                   "rule, quickest; fast = exact level-set result (slow for small cells); "
+                   "levelset = literal upstream computation; auto (default) = grow when every "
+                   "train/val crop has spots and a pixel size, else morphology")  # fmt: skip
+    g.add_argument("--pixel_size", type=float, default=None,
+                   help="µm per pixel for samples without a pixel size (used by grow)")  # fmt: skip
+    g.add_argument("--no_grow_start_labels", action="store_true",
+                   help="with grow: train round 1 on labels/ as they are, not grown")  # fmt: skip
+    g.add_argument("--max_growth_um", type=float, default=None,
+                   help="grow: farthest a cell grows beyond its label in one relabelling, µm "
+                   "(default: GrowParams, 5)")  # fmt: skip
+    g.add_argument("--new_cell_min_area_um2", type=float, default=None,
+                   help="grow: smallest new cell made of unclaimed transcripts, µm² "
+                   "(default: GrowParams, 30)")  # fmt: skip
+    g.add_argument("--max_cell_loss", type=float, default=0.1,
+                   help="warn when a relabelling loses more than this fraction of the "
+                   "cells of the round's labels")  # fmt: skip
     g.add_argument("--warm_start_rounds", action="store_true",
                    help="start round N from round N-1's model (upstream: fresh)")  # fmt: skip
     g.add_argument("--relabel_min_size", type=int, default=300,
@@ -79,6 +100,7 @@ def _configs(args: argparse.Namespace):
     from GeneSegNet.errors import InputError
     from GeneSegNet.model.net import NetConfig
     from GeneSegNet.training.config import RecursiveConfig, TrainConfig
+    from GeneSegNet.training.grow import GrowParams
 
     try:
         net = NetConfig(nchan=args.chan, residual_on=bool(args.residual_on),
@@ -91,7 +113,8 @@ def _configs(args: argparse.Namespace):
                             min_train_masks=args.min_train_masks, save_every=args.save_every,
                             save_each=args.save_each, seed=args.seed, tile=args.train_tile_size,
                             heatmap_mode=args.heatmap_norm or TrainConfig.heatmap_mode,
-                            bf16=args.bf16, num_workers=args.num_workers)  # fmt: skip
+                            bf16=args.bf16, num_workers=args.num_workers,
+                            flow_target_mode=args.flow_targets)  # fmt: skip
     except ValueError as exc:
         raise InputError(f"bad settings: {exc}") from None
     recursive = RecursiveConfig(
@@ -104,6 +127,11 @@ def _configs(args: argparse.Namespace):
         warm_start_rounds=args.warm_start_rounds, overwrite_newlabels=args.overwrite_newlabels,
         select_model=args.select_model, exclude_on_edges=args.exclude_on_edges,
         size_filter=args.size_filter, output=output_options_from_args(args),
+        pixel_size_um=args.pixel_size, grow_start_labels=not args.no_grow_start_labels,
+        max_cell_loss=args.max_cell_loss,
+        grow=GrowParams(**{k: v for k, v in (
+            ("max_growth_um", args.max_growth_um),
+            ("new_cell_min_area_um2", args.new_cell_min_area_um2)) if v is not None}),
     )  # fmt: skip
     # the test passes and relabelling see heatmaps scaled as in training
     return net, train, eval_config_from_args(args, train.to_dict()), recursive
@@ -146,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             recursive, net, train, evaluation, device=device, pretrained=args.pretrained_model,
             resume=args.resume, flow_cache_dir=args.flow_cache_dir, progress=True,
             run_info={"argv": list(sys.argv[1:] if argv is None else argv)},
+            image_norm=args.image_norm or "local",
         )  # fmt: skip
         logger.info("finished %d round(s); final model %s; run record %s",
                     len(manifest.rounds), manifest.rounds[-1].model_used,

@@ -6,6 +6,10 @@ name, so ``label_<name>.png`` from the inference script matches ``<name>.csv``) 
 
 - ``<save_dir>/<name>.csv``: cell_id,spotX,spotY,gene (cell_id 0 = background);
 - ``<save_dir>/<name>_cell_by_gene.csv``: transcript counts, cells as rows.
+
+``--outputs`` adds result formats (h5ad, geojson, geoparquet, spatialdata, xenium, qc;
+README "Result formats"); any value other than the default ``csv`` also appends the
+distance and nearest-cell columns to the mapping CSV.
 """
 
 from __future__ import annotations
@@ -34,6 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "with cell id 0, or drop them")
     parser.add_argument("--spot_scale", type=float, default=1.0,
                         help="pixels per spot-coordinate unit (e.g. 4.706 for Xenium microns)")
+    parser.add_argument("--outputs", default="csv",
+                        help="comma-separated result formats: csv,h5ad,geojson,geoparquet,"
+                             "spatialdata,xenium,qc (default: upstream's csv only)")
+    parser.add_argument("--pixel_size", type=float, default=None,
+                        help="µm per image pixel (needed by h5ad, spatialdata, xenium, qc "
+                             "unless <metadata_dir>/metadata/<name>.json gives it)")
+    parser.add_argument("--metadata_dir", type=Path, default=None,
+                        help="folder holding metadata/<name>.json (e.g. the raw data folder)")
+    parser.add_argument("--image_dir", type=Path, default=None,
+                        help="folder of the DAPI images (<name>.png/.tif), for mean_dapi and "
+                             "the chromatin features of the h5ad")
     add_verbose_arg(parser)
     return parser
 
@@ -43,8 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def run() -> int:
+        from GeneSegNet.export.outputs import DEFAULT_OUTPUTS, parse_outputs
         from GeneSegNet.mapping import map_dataset
 
+        outputs = parse_outputs(args.outputs)
+        if args.outputs != "csv" or outputs != DEFAULT_OUTPUTS:
+            from GeneSegNet.export.dataset import export_dataset
+
+            done = export_dataset(args.label_dir, args.spot_dir, args.save_dir, outputs,
+                                  image_dir=args.image_dir, pixel_size_um=args.pixel_size,
+                                  metadata_dir=args.metadata_dir,
+                                  out_of_bounds=args.out_of_bounds, spot_scale=args.spot_scale,
+                                  progress=True)
+            logger.info("%s of %d sample(s) written to %s", ",".join(outputs), len(done),
+                        args.save_dir)
+            return 0
         results = map_dataset(args.label_dir, args.spot_dir, args.save_dir,
                               out_of_bounds=args.out_of_bounds, spot_scale=args.spot_scale,
                               progress=True)

@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="storage of the blended flows and probabilities",
     )
     win.add_argument(
+        "--pixel_size",
+        type=float,
+        default=None,
+        help="µm per image pixel of every image; needed by density-input models unless "
+        "<root_dir>/metadata/<name>.json gives it (both must agree)",
+    )
+    win.add_argument(
         "--spot_scale",
         type=float,
         default=1.0,
@@ -103,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="mapping of spots outside the image",
     )
     out.add_argument("--no_heatmap", action="store_true", help="do not write the heatmap")
+    out.add_argument(
+        "--outputs",
+        default="csv",
+        help="result formats written into mapping/ (implies --mapping unless only csv): "
+        "comma-separated from csv,h5ad,geojson,geoparquet,spatialdata,xenium,qc "
+        "(README 'Result formats')",
+    )
     add_device_args(parser)
     add_verbose_arg(parser)
     return parser
@@ -110,11 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_config(args: argparse.Namespace, meta: dict):
     from GeneSegNet.cli.args import eval_config_from_args
+    from GeneSegNet.data.model_input import model_input_from_meta
     from GeneSegNet.errors import InputError
+    from GeneSegNet.export.outputs import DEFAULT_OUTPUTS, parse_outputs
     from GeneSegNet.slide.pipeline import SlideRunConfig
     from GeneSegNet.slide.plan import SlideConfig
 
-    evaluation = eval_config_from_args(args, meta.get("train_config"))
+    outputs = parse_outputs(args.outputs)
+    evaluation = eval_config_from_args(args, meta.get("train_config"),
+                                       model_input=model_input_from_meta(meta))
     try:
         slide = SlideConfig(
             window=args.window,
@@ -131,10 +149,13 @@ def _run_config(args: argparse.Namespace, meta: dict):
         block_size=args.block_size,
         halo=args.block_halo,
         spot_scale=args.spot_scale,
-        mapping=args.mapping,
+        mapping=args.mapping or outputs != DEFAULT_OUTPUTS,
+        outputs=outputs,
         out_of_bounds=args.out_of_bounds,
         write_heatmap=not args.no_heatmap,
         upstream_opening=args.upstream_opening,
+        pixel_size_um=args.pixel_size,
+        metadata_dir=args.root_dir,
     )
 
 

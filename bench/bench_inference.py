@@ -54,13 +54,14 @@ import torch  # noqa: E402
 from GeneSegNet.data.heatmap import heatmap_to_uint8, render_heatmap  # noqa: E402
 from GeneSegNet.data.simulate import TissueConfig, simulate_tissue  # noqa: E402
 from GeneSegNet.dynamics.reconstruct import compute_masks  # noqa: E402
+from GeneSegNet.io.images import write_tiled_tiff  # noqa: E402
 from GeneSegNet.mapping import write_mapping  # noqa: E402
 from GeneSegNet.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from GeneSegNet.model.net import GeneSegUNet, NetConfig  # noqa: E402
 from GeneSegNet.model.predict import EvalConfig, prepare_input, run_network  # noqa: E402
 from GeneSegNet.model.tiling import TiledAccumulator  # noqa: E402
 from GeneSegNet.slide.blockwise import reconstruct_blockwise  # noqa: E402
-from GeneSegNet.slide.files import write_label_outputs, write_tiled_tiff  # noqa: E402
+from GeneSegNet.slide.files import HEATMAP_TILE, write_label_outputs  # noqa: E402
 from GeneSegNet.slide.pipeline import SlideRunConfig, segment_slide  # noqa: E402
 from GeneSegNet.slide.plan import SlideConfig, plan_windows  # noqa: E402
 from GeneSegNet.slide.windows import SpotIndex, heatmap_tiles, predict_slide  # noqa: E402
@@ -212,7 +213,8 @@ def child(args) -> None:
         index = SpotIndex(
             spots.y.to_numpy().astype(np.int32), spots.x.to_numpy().astype(np.int32), shape
         )
-        write_tiled_tiff(out / "heat.tif", heatmap_tiles(index, 7.0), shape)
+        write_tiled_tiff(out / "heat.tif", heatmap_tiles(index, 7.0, tile=HEATMAP_TILE), shape,
+                         np.uint8, HEATMAP_TILE)
         torch.manual_seed(0)
         net = GeneSegUNet(NetConfig(nbase=(8, 16, 16, 16))).eval()
         times["setup"] = time.perf_counter() - start

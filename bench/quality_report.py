@@ -1,18 +1,29 @@
-"""Quality report: does recursive training with the spot heatmap beat the starting labels?
+"""Quality report: does GeneSegNet segment cells, not nuclei, better than what users do instead?
 
-On simulated tissue whose starting labels are expanded nuclei (dim nuclei missing, cells
-larger than their nuclei), reports AP at IoU 0.5 (and 0.75, and transcript assignment
-accuracy) against the TRUE cells of the held-out test images, for
+On simulated tissue (a preset of :mod:`GeneSegNet.data.sim_config`: ``dense`` is Xenium-like,
+``sparse`` ISS-like) whose starting labels are the detectable nuclei, scores the HELD-OUT
+test images against the true cells for
 
-(a) the starting labels;
-(b) the model after each recursive round (whole-image inference with the spot heatmap);
-(c) an image-only model (heatmaps zeroed in training, no spots at inference), trained
-    with the same budget (same rounds, epochs and network).
+- the starting labels;
+- the starting labels expanded by d µm, d = 0, 1, ..., 10 (what vendors ship), and the
+  best of them (by AP@0.5, ties by transcripts in the right cell);
+- the starting labels grown by their transcripts (:func:`GeneSegNet.training.grow.grow_labels`,
+  no network): the labels GeneSegNet's recursion starts from;
+- each trained model after each recursive round (whole-image inference):
+  ``genesegnet`` (image + transcript density + gene-identity channels, labels grown by the
+  transcripts between rounds), ``heatmap`` (upstream's max-of-Gaussians heatmap, upstream's
+  refinement) and ``image_only`` (transcript channels zeroed, no spots at inference,
+  upstream's refinement), all with the same budget.
 
-Everything goes through the real scripts. Not a CI test: it trains 2 models (about
-10 minutes on 2 CPU cores with the defaults below).
+It also prints each transcript representation's saturation on the test images. Everything
+goes through the real scripts. Not a CI test: each model trains for minutes.
 
-Run: python bench/quality_report.py [--out_dir quality_run --n_samples 6 --n_epochs 12]
+Measures: AP at IoU 0.5/0.75/0.9; "right cell" = transcripts of true cells assigned to the
+predicted cell that stands for their cell (IoU >= 0.5 pairing); "bg in cells" = true
+background transcripts put in a cell; "found" = predicted cells / true cells; recall@0.5 =
+true cells matched at IoU >= 0.5.
+
+Run: python bench/quality_report.py --preset dense --out_dir quality_dense [--threads 2]
 """
 
 from __future__ import annotations
@@ -21,22 +32,38 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+from skimage.segmentation import expand_labels  # noqa: E402
+
 import GeneSeg_train  # noqa: E402
-from GeneSegNet.evaluation.truth import score_folder  # noqa: E402
-from GeneSegNet.io import read_image, write_image  # noqa: E402
+from GeneSegNet.data.heatmap import render_heatmap  # noqa: E402
+from GeneSegNet.data.transcripts import (  # noqa: E402
+    DEFAULT_SIGMA_UM,
+    density_channel,
+    saturation_stats,
+    slide_density_scale,
+    write_transcript_channels,
+)
+from GeneSegNet.evaluation.truth import score_sample  # noqa: E402
+from GeneSegNet.io import read_image, read_label, read_spots, spot_pixels  # noqa: E402
+from GeneSegNet.io.metadata import metadata_path, read_metadata  # noqa: E402
+from GeneSegNet.training.grow import grow_labels  # noqa: E402
 from Inference import slidingwindows_gradient  # noqa: E402
 from preprocess import Generate_Image_Label_locationMap, simulate_tissue  # noqa: E402
 
-TRAIN_FLAGS = ["--all_channels", "--metrics", "--recursive_num", "2", "--learning_rate", "0.01",
-               "--nbase", "8", "16", "32", "64", "--train_tile_size", "112", "--diam_mean", "17",
+MEASURES = ("AP@0.5", "AP@0.75", "AP@0.9", "right_cell", "background_in_cells", "recall@0.5")
+TRAIN_FLAGS = ["--all_channels", "--recursive_num", "2", "--learning_rate", "0.01",
                "--diameter", "0", "--relabel_min_size", "50", "--warm_start_rounds"]
+MODELS = ("genesegnet", "heatmap", "image_only")
 
 
 def _check(code: int, what: str) -> None:
@@ -44,80 +71,205 @@ def _check(code: int, what: str) -> None:
         raise SystemExit(f"{what} failed with exit code {code}")
 
 
-def _zero_heatmaps(src: Path, dst: Path) -> None:
-    """Copy a crop dataset with every network heatmap replaced by zeros."""
-    shutil.copytree(src, dst)
-    for path in dst.rglob("HeatMaps/HeatMap_all/*"):
-        write_image(path, np.zeros_like(read_image(path, "gray")))
+def _truth(raw: Path, name: str) -> tuple[np.ndarray, pd.DataFrame]:
+    cells = read_label(raw / "truth" / f"{name}_cells.png").astype(np.int64)
+    return cells, pd.read_csv(raw / "truth" / f"{name}_spots.csv")
 
 
-def _train(crops: Path, run_dir: Path, epochs: int) -> list[Path]:
-    _check(GeneSeg_train.main(["--train_dir", str(crops / "train"), "--val_dir",
-                               str(crops / "val"), "--test_dir", str(crops / "test"),
-                               "--save_model_dir", str(run_dir), "--n_epochs", str(epochs),
-                               *TRAIN_FLAGS]), f"training in {run_dir}")
-    manifest = json.loads(max(run_dir.glob("run_*.json")).read_text())
-    return [Path(r["model_used"]) for r in manifest["rounds"]]
-
-
-def _test_images(raw: Path, crops: Path, out: Path, with_spots: bool) -> Path:
-    """A raw folder holding only the test samples (and their spots, if asked)."""
-    names = [p.name for p in (crops / "test").iterdir() if p.is_dir()]
-    (out / "images").mkdir(parents=True)
-    for name in names:
-        shutil.copy(raw / "images" / f"{name}.png", out / "images")
-        if with_spots:
-            (out / "spots").mkdir(exist_ok=True)
-            shutil.copy(raw / "spots" / f"{name}.csv", out / "spots")
+def _mean_scores(per_sample: list[dict]) -> dict:
+    frame = pd.DataFrame(per_sample)
+    out = frame.mean(numeric_only=True).to_dict()
+    out["found"] = frame["cells_found"].sum() / max(frame["true_cells"].sum(), 1)
     return out
 
 
-def _score(root: Path, model: Path, save: Path, truth: Path) -> dict:
-    _check(slidingwindows_gradient.main(["--root_dir", str(root), "--save_dir", str(save),
-                                         "--model_file", str(model), "--diameter", "0"]),
-           f"inference with {model.name}")
-    return score_folder(save, truth).set_index("sample").loc["mean"].to_dict()
+def _score_labels(raw: Path, names: list[str], labels_of) -> dict:
+    rows = []
+    for name in names:
+        cells, spots = _truth(raw, name)
+        rows.append(score_sample(np.asarray(labels_of(name)).astype(np.int64), cells, spots))
+    return _mean_scores(rows)
 
 
-def main() -> int:
+def _pixel_size(raw: Path, name: str) -> float:
+    return read_metadata(metadata_path(raw, name)).pixel_size_um
+
+
+def _spots_px(raw: Path, name: str, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    spots = read_spots(next((raw / "spots").glob(f"{name}.*")))
+    rows, cols, inside = spot_pixels(spots["x"], spots["y"], shape)
+    genes = spots["gene"].to_numpy()[inside]
+    return (spots["y"].to_numpy(np.float64)[inside], spots["x"].to_numpy(np.float64)[inside],
+            np.unique(genes.astype(str), return_inverse=True)[1])
+
+
+def baselines(raw: Path, names: list[str]) -> list[tuple[str, dict]]:
+    """Starting labels, nuclei expansion scanned over 0..10 µm, transcript growth."""
+    start = {n: read_label(next((raw / "labels").glob(f"{n}.*"))) for n in names}
+    rows = [("true cells (reference)", _score_labels(raw, names, lambda n: _truth(raw, n)[0])),
+            ("starting labels (nuclei)", _score_labels(raw, names, start.__getitem__))]
+    scan = []
+    for d_um in range(0, 11):
+        scores = _score_labels(raw, names, lambda n, d=d_um: expand_labels(
+            start[n], distance=d / _pixel_size(raw, n)))
+        scan.append((d_um, scores))
+        print(f"  expansion {d_um:2d} µm: " + "  ".join(
+            f"{m} {scores[m]:.3f}" for m in MEASURES), flush=True)
+    best_d, best = max(scan, key=lambda s: (round(s[1]["AP@0.5"], 3), s[1]["right_cell"]))
+    rows.append((f"nuclei expanded by {best_d} µm (best of 0..10)", best))
+    per_measure = {m: (max if m != "background_in_cells" else min)(
+        scan, key=lambda s, m=m: s[1][m]) for m in (*MEASURES, "found")}
+    rows.append(("nuclei expansion, best distance per measure (" + ", ".join(
+        f"{d}" for d, _ in per_measure.values()) + " µm)",
+        {m: s[m] for m, (_, s) in per_measure.items()}))
+
+    def grown(name: str) -> np.ndarray:
+        lab = start[name]
+        r, c, g = _spots_px(raw, name, lab.shape)
+        return grow_labels(lab, r, c, g, pixel_size_um=_pixel_size(raw, name))
+
+    rows.append(("nuclei grown by their transcripts (no network)",
+                 _score_labels(raw, names, grown)))
+    return rows
+
+
+def saturation(raw: Path, names: list[str]) -> list[str]:
+    """Each representation's saturation on the test images (mean over images)."""
+    stats: dict[str, list[dict]] = {"upstream heatmap (max, 7 px)": [],
+                                    f"density ({DEFAULT_SIGMA_UM:g} µm, per-slide scale)": []}
+    for name in names:
+        cells, _ = _truth(raw, name)
+        r, c, _ = _spots_px(raw, name, cells.shape)
+        pix = _pixel_size(raw, name)
+        heat = render_heatmap(np.floor(r).astype(np.int64), np.floor(c).astype(np.int64),
+                              cells.shape, 7.0)
+        stats["upstream heatmap (max, 7 px)"].append(saturation_stats(heat, cells > 0,
+                                                                      reference=1.0))
+        scale = slide_density_scale(r, c, pixel_size_um=pix)
+        dens = density_channel(r, c, cells.shape, sigma_um=DEFAULT_SIGMA_UM, pixel_size_um=pix,
+                               slide_scale=scale)
+        stats[f"density ({DEFAULT_SIGMA_UM:g} µm, per-slide scale)"].append(
+            saturation_stats(dens, cells > 0))
+    lines = []
+    for what, values in stats.items():
+        frame = pd.DataFrame(values).mean(numeric_only=True)
+        lines.append(f"  {what:<40} mean {frame['mean']:.3f}  >=0.9 x ref "
+                     f"{frame['fraction_high']:.3f}  in-cell/background {frame['contrast']:.2f}")
+    return lines
+
+
+def _zero_transcripts(src: Path, dst: Path) -> None:
+    """Copy a crop dataset with every network transcript input replaced by zeros."""
+    shutil.copytree(src, dst)
+    for path in dst.rglob("HeatMaps/HeatMap_all/*"):
+        from GeneSegNet.io import write_image
+        write_image(path, np.zeros_like(read_image(path, "gray")))
+    for path in dst.rglob("HeatMaps/Transcripts/*.tif"):
+        import tifffile
+        write_transcript_channels(path, np.zeros_like(tifffile.imread(path), np.float32))
+
+
+def _test_root(raw: Path, names: list[str], out: Path, with_spots: bool) -> Path:
+    for sub in ("images", "metadata") + (("spots",) if with_spots else ()):
+        (out / sub).mkdir(parents=True)
+        for name in names:
+            for path in (raw / sub).glob(f"{name}.*"):
+                shutil.copy(path, out / sub)
+    return out
+
+
+def train_and_score(model: str, args, crops: Path, raw: Path, names: list[str],
+                    out: Path) -> list[tuple[str, dict]]:
+    run = out / f"run_{model}"
+    flags = [*TRAIN_FLAGS, "--n_epochs", str(args.n_epochs), "--nbase", *map(str, args.nbase),
+             "--train_tile_size", str(args.train_tile_size), "--diam_mean", str(args.diam_mean)]
+    if model != "genesegnet":
+        flags += ["--refine_method", "morphology"]
+    start = time.perf_counter()
+    _check(GeneSeg_train.main(["--train_dir", str(crops / "train"), "--val_dir",
+                               str(crops / "val"), "--save_model_dir", str(run), *flags]),
+           f"training {model}")
+    minutes = (time.perf_counter() - start) / 60
+    manifest = json.loads(max(run.glob("run_*.json")).read_text())
+    test_root = _test_root(raw, names, out / f"test_{model}", with_spots=model != "image_only")
+    rows = []
+    for n, record in enumerate(manifest["rounds"], start=1):
+        save = out / f"pred_{model}_round{n}"
+        _check(slidingwindows_gradient.main(["--root_dir", str(test_root), "--save_dir",
+                                             str(save), "--model_file", record["model_used"],
+                                             "--diameter", "0"]), f"inference {model}")
+        scores = _score_labels(raw, names, lambda name, s=save: read_label(
+            next(s.glob(f"label_{name}.*"))))
+        rows.append((f"{model}, round {n} ({minutes:.1f} min training in all)", scores))
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=("dense", "sparse", "demo"), default="dense")
     parser.add_argument("--out_dir", type=Path, default=Path("quality_run"))
     parser.add_argument("--n_samples", type=int, default=6)
+    parser.add_argument("--split", type=float, nargs=3, default=(3, 1, 2))
+    parser.add_argument("--n_crops", type=int, default=12)
+    parser.add_argument("--crop_size", type=int, default=512)
     parser.add_argument("--n_epochs", type=int, default=12)
+    parser.add_argument("--nbase", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--train_tile_size", type=int, default=112)
+    parser.add_argument("--diam_mean", type=float, default=17.0)
+    parser.add_argument("--models", default="genesegnet,image_only",
+                        help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (stated)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = [m for m in args.models.split(",") if m]
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise SystemExit(f"unknown models {sorted(unknown)}; choose from {MODELS}")
     out = args.out_dir
     if out.exists():
         raise SystemExit(f"{out} exists; choose another --out_dir or remove it")
     raw, crops = out / "raw", out / "crops"
     _check(simulate_tissue.main(["--out_dir", str(raw), "--n_samples", str(args.n_samples),
-                                 "--seed", str(args.seed)]), "simulation")
-    _check(Generate_Image_Label_locationMap.main([
-        "--base_dir", str(raw), "--save_crop_dir", str(crops), "--n_crops", "20",
-        "--split", "0.5", "0.17", "0.33"]), "preprocessing")
-    _zero_heatmaps(crops, out / "crops_image_only")  # before training writes newlabels/
-    truth = raw / "truth"
-    with_spots = _test_images(raw, crops, out / "test_raw", with_spots=True)
-    image_only = _test_images(raw, crops, out / "test_raw_image_only", with_spots=False)
-
-    rows = []
-    start = score_folder(raw / "labels", truth).set_index("sample")
-    test_names = [p.name for p in (crops / "test").iterdir() if p.is_dir()]
-    rows.append(("(a) starting labels (expanded nuclei)", start.loc[test_names].mean(
-        numeric_only=True).to_dict()))
-    for n, model in enumerate(_train(crops, out / "run_heatmap", args.n_epochs), start=1):
-        rows.append((f"(b) GeneSegNet, image + heatmap, after round {n}",
-                     _score(with_spots, model, out / f"pred_round{n}", truth)))
-    models = _train(out / "crops_image_only", out / "run_image_only", args.n_epochs)
-    rows.append((f"(c) image-only model, same budget (round {len(models)})",
-                 _score(image_only, models[-1], out / "pred_image_only", truth)))
-
-    print(f"\nTest images: {', '.join(sorted(test_names))}; {args.n_epochs} epochs per round, "
-          "2 rounds, network 8/16/32/64; scores against the true cells")
-    print(f"{'segmentation':<48} {'AP@0.5':>7} {'AP@0.75':>8} {'cells':>7} {'assign. acc.':>13}")
+                                 "--seed", str(args.seed), "--preset", args.preset]),
+           "simulation")
+    prep = ["--base_dir", str(raw), "--n_crops", str(args.n_crops), "--crop_size",
+            str(args.crop_size), "--split", *map(str, args.split)]
+    _check(Generate_Image_Label_locationMap.main([*prep, "--save_crop_dir", str(crops)]),
+           "preprocessing")
+    names = sorted(p.name for p in (crops / "test").iterdir() if p.is_dir())
+    print(f"\n== {args.preset} preset, held-out test images {', '.join(names)}", flush=True)
+    rows = baselines(raw, names)
+    sat = saturation(raw, names)
+    for model in models:
+        if model == "genesegnet":
+            rows += train_and_score(model, args, crops, raw, names, out)
+        elif model == "image_only":
+            _zero_transcripts(crops, out / "crops_image_only")
+            rows += train_and_score(model, args, out / "crops_image_only", raw, names, out)
+        else:
+            heat = out / "crops_heatmap"
+            _check(Generate_Image_Label_locationMap.main([*prep, "--save_crop_dir", str(heat),
+                                                          "--transcript_input", "heatmap"]),
+                   "preprocessing (heatmap)")
+            rows += train_and_score(model, args, heat, raw, names, out)
+    print(f"\n{args.preset} preset; {args.n_epochs} epochs per round, network "
+          f"{'/'.join(map(str, args.nbase))}, {args.threads} torch threads; held-out images "
+          f"{', '.join(names)}; scores against the true cells")
+    print("transcript representations on the test images:")
+    print("\n".join(sat))
+    header = f"{'segmentation':<58}" + "".join(f"{m:>12}" for m in (*MEASURES, "found"))
+    print(header)
     for name, r in rows:
-        print(f"{name:<48} {r['AP@0.5']:>7.3f} {r['AP@0.75']:>8.3f} {r['cells_found']:>7.0f} "
-              f"{r['assignment_accuracy']:>13.3f}")
+        print(f"{name:<58}" + "".join(f"{r[m]:>12.3f}" for m in (*MEASURES, "found")))
+    (out / "quality_report.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "saturation": sat,
+         "rows": [{"segmentation": n, **{k: float(v) for k, v in r.items()}} for n, r in rows]},
+        indent=1))
     return 0
 
 

@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="allow a dataset without labels/ (crops without label files)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace sample folders that already exist")
+    parser.add_argument("--pixel_size", type=float, default=None,
+                        help="µm per image pixel of every sample; must agree with a sample's "
+                             "<base_dir>/metadata/<sample>.json when both exist")
+    parser.add_argument("--transcript_input", choices=("auto", "density", "heatmap"),
+                        default="auto",
+                        help="network transcript input: density (per-slide scaled transcript "
+                             "density + gene channels; needs pixel sizes), heatmap (upstream), "
+                             "auto = density when every pixel size is known, else heatmap")
+    parser.add_argument("--transcript_sigma_um", type=float, default=None,
+                        help="density kernel sigma in µm (default 2.0)")
+    parser.add_argument("--gene_channels", type=int, default=3,
+                        help="gene-embedding channels in density mode (0 = density only)")
     add_verbose_arg(parser)
     return parser
 
@@ -58,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         from GeneSegNet.data.crops import CropConfig, prepare_dataset
+        from GeneSegNet.data.transcripts import DEFAULT_SIGMA_UM
 
         config = CropConfig(n_crops=args.n_crops, crop_size=args.crop_size, sigma=args.sigma,
                             seed=args.seed, image_format=args.image_format,
@@ -66,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         written = prepare_dataset(args.base_dir, args.save_crop_dir, config, split=args.split,
                                   split_seed=args.split_seed, spot_scale=args.spot_scale,
                                   require_labels=not args.no_labels, overwrite=args.overwrite,
-                                  progress=True)
+                                  progress=True, pixel_size=args.pixel_size,
+                                  transcript_input=args.transcript_input,
+                                  transcript_sigma_um=(DEFAULT_SIGMA_UM
+                                                       if args.transcript_sigma_um is None
+                                                       else args.transcript_sigma_um),
+                                  gene_channels=args.gene_channels)
         for folder in written:
             logger.info("wrote %s", folder)
         logger.info("%d sample folder(s) written under %s", len(written), args.save_crop_dir)

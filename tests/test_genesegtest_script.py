@@ -256,7 +256,7 @@ def test_chan_mismatch_and_corrupt_checkpoint_exit_2(dataset, model, tmp_path, c
             ["--test_dir", str(dataset), "--pretrained_model", str(model), "--chan", "4"]
         )
     assert code == 2
-    assert "checkpoint has 2 input channels but --chan 4 was given" in caplog.text
+    assert "the network takes 2 input channels but --chan 4" in caplog.text
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all" * 10)
     caplog.clear()
@@ -365,7 +365,7 @@ def test_eval_config_from_args_passes_given_flags():
             "--no_norm",
         ]
     )
-    cfg = eval_config_from_args(args, {"heatmap_mode": "fixed"})
+    cfg = eval_config_from_args(args, {"heatmap_mode": "fixed", "flow_target_mode": "isolated"})
     assert cfg == EvalConfig(
         diameter=0.0, resample=False, heatmap_mode="percentile", batch_size=2, normalize=False
     )

@@ -208,3 +208,35 @@ def test_params_to_dict_has_units():
     assert d["max_growth_um"] == 5.0
     assert {"new_cell_min_area_um2", "new_cell_min_transcripts"} <= set(d)
     assert GrowParams(**d) == params
+
+
+def test_trim_to_foreground_cuts_overreach_keeps_cores_and_thin_cells():
+    from GeneSegNet.training.grow import trim_to_foreground
+    shape = (60, 120)
+    true = _disc(shape, 30, 30, 12)
+    labels = np.zeros(shape, np.int32)
+    labels[_disc(shape, 30, 30, 18)] = 1  # 6 px of over-reach beyond the foreground
+    labels[10:50, 80:83] = 2  # a 3-px-thin cell: no core, kept whole
+    labels[_disc(shape, 30, 105, 10)] = 3  # disc outside the foreground: its core is kept
+    out = trim_to_foreground(labels, foreground=true, core_depth_px=8)
+    assert set(np.unique(out)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(out == 1, true)  # cut back exactly to the foreground
+    np.testing.assert_array_equal(out == 2, labels == 2)
+    core3 = _disc(shape, 30, 105, 10 - 8 - 1)
+    assert np.all(out[core3] == 3) and (out == 3).sum() < (labels == 3).sum()
+
+
+def test_growth_with_trimming_does_not_compound_over_rounds():
+    """Re-growing grown cells (as between training rounds) keeps their size."""
+    sample = simulate_tissue(preset_config("dense", height=384, width=384), 3)
+    rows, cols = sample.spots["y"].to_numpy(), sample.spots["x"].to_numpy()
+    genes = np.unique(sample.spots["gene"].astype(str), return_inverse=True)[1]
+    pixel = sample.pixel_size_um
+    once = grow_labels(sample.labels, rows, cols, genes, pixel_size_um=pixel)
+    again = grow_labels(once, rows, cols, genes, pixel_size_um=pixel,
+                        params=GrowParams(trim_to_foreground=True))
+    plain = grow_labels(once, rows, cols, genes, pixel_size_um=pixel)
+    area = [(x > 0).sum() for x in (sample.cells, once, again, plain)]
+    assert abs(area[2] / area[1] - 1) < 0.05  # trimmed re-growth: about the same size
+    assert area[3] > area[2]  # untrimmed re-growth only ever adds pixels
+    assert len(np.unique(again)) >= len(np.unique(once))  # no cell lost

@@ -90,12 +90,15 @@ def test_raw_image_and_spots_to_assigned_transcripts_in_one_command(data, monkey
         assert match(truth, labels, thresholds=(0.5,)).ap[0.5] >= 0.95
         table = pd.read_csv(out / "mapping" / f"{name}.csv")
         spots = read_spots(raw / "spots" / f"{name}.csv")
-        assert len(table) == len(spots) and list(table.columns) == [
+        assert len(table) == len(spots) and list(table.columns)[:4] == [
             "cell_id",
             "spotX",
             "spotY",
             "gene",
         ]
+        assert "cell_probability" in table and "nearest_cell_id" in table  # issue 12
+        prob = table.cell_probability.to_numpy()
+        assert prob[table.cell_id > 0].mean() > prob[table.cell_id == 0].mean()
         under = labels[table.spotY.astype(int), table.spotX.astype(int)]
         np.testing.assert_array_equal(table.cell_id, under)
         truth_spots = pd.read_csv(raw / "truth" / f"{name}_spots.csv")

@@ -107,5 +107,6 @@ def test_scripts_and_benchmarks_import_names_the_package_has():
                 module = importlib.import_module(node.module)
                 missing += [f"{path.name}: {node.module}.{alias.name}" for alias in node.names
                             if not hasattr(module, alias.name)
-                            and importlib.util.find_spec(f"{node.module}.{alias.name}") is None]
+                            and not (hasattr(module, "__path__") and importlib.util.find_spec(
+                                f"{node.module}.{alias.name}") is not None)]
     assert not missing, f"imported names that do not exist: {missing}"

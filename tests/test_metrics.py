@@ -366,3 +366,21 @@ def test_transcript_assignment_accuracy_checks_lengths():
     true, pred = hand_images()
     with pytest.raises(ValueError, match="spots"):
         transcript_assignment_accuracy(np.array([1, 2]), pred, true, np.zeros((3, 2)))
+
+
+def test_right_cell_and_background_in_cells_count_by_hand():
+    from GeneSegNet.evaluation.metrics import transcript_assignment_accuracy
+    true = np.zeros((10, 20), np.int32)
+    true[:, :8] = 1
+    true[:, 10:18] = 2
+    pred = np.zeros_like(true)
+    pred[:, :9] = 5  # stands for true cell 1 (IoU 8/9), and swallows column 8 (background)
+    pred[:, 12:18] = 7  # stands for true cell 2 (IoU 6/8)
+    # x (col), y (row): two in cell 1, two in cell 2 (one in pred 7, one outside it),
+    # three true background spots: one in pred 5, two outside every pred cell
+    xy = np.array([[1, 1], [6, 2], [13, 3], [10.5, 4], [8.2, 5], [9.5, 5], [19, 0]], float)
+    truth_ids = np.array([1, 1, 2, 2, 0, 0, 0])
+    result = transcript_assignment_accuracy(truth_ids, pred, true, xy)
+    assert result["right_cell"] == pytest.approx(3 / 4)
+    assert result["background_in_cells"] == pytest.approx(1 / 3)
+    assert result["accuracy"] == pytest.approx(5 / 7)

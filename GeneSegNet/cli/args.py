@@ -22,14 +22,16 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from GeneSegNet.cli import add_device_args, add_verbose_arg
 from GeneSegNet.cli.upstream import add_compat_args
-from GeneSegNet.data.transforms import HEATMAP_MODES
+from GeneSegNet.data.transforms import HEATMAP_MODES, IMAGE_NORMS
 
 if TYPE_CHECKING:
+    from GeneSegNet.data.model_input import ModelInput
     from GeneSegNet.evaluation.test_pass import OutputOptions
     from GeneSegNet.model.predict import EvalConfig
 
@@ -144,6 +146,17 @@ def add_network_pass_args(
         default=None,
         help="heatmap scaling: 'fixed' divides by 255 (keeps sparse heatmaps); "
         f"'percentile' is upstream's 1-99%% normalisation ({heatmap_default})",
+    )
+    group.add_argument(
+        "--image_norm",
+        choices=IMAGE_NORMS,
+        default=None,
+        help="image-channel normalisation: 'local' (levels on blocks of max(64, 4 x "
+        "diam_mean) px, the same in crops and whole slides) or 'percentile' (1-99%% per "
+        "input) ("
+        + ("default local; stored in the model" if training
+           else "default: the model's setting; percentile for a model without one")
+        + ")",
     )
 
 
@@ -298,7 +311,10 @@ def add_common_args(
 
 
 def eval_config_from_args(
-    args: argparse.Namespace, trained: Mapping[str, Any] | None
+    args: argparse.Namespace,
+    trained: Mapping[str, Any] | None,
+    *,
+    model_input: ModelInput | None = None,
 ) -> EvalConfig:
     """The :class:`EvalConfig` of a run, from parsed flags and the model's training settings.
 
@@ -311,6 +327,11 @@ def eval_config_from_args(
         dict). Its ``heatmap_mode`` is used unless ``--heatmap_norm`` is given, so a model
         is evaluated with the heatmap scaling it was trained with; a different
         ``--heatmap_norm`` is used, with a warning.
+
+    model_input : the model's input (:func:`GeneSegNet.data.model_input.model_input_from_meta`);
+        sets the transcript-input and image-normalisation fields, ``--image_norm``
+        overriding the model's image normalisation (with a warning). None: EvalConfig's
+        defaults (upstream heatmap input), ``--image_norm`` ignored.
 
     Only flags given override :class:`EvalConfig`'s defaults. Raises ``InputError`` for
     invalid settings.
@@ -339,10 +360,20 @@ def eval_config_from_args(
         kwargs["resample"] = False
     if getattr(args, "y_only_movers", False):
         kwargs["y_only_movers"] = True
+    if trained is not None:  # the flow check compares with the targets the model learnt
+        kwargs["flow_target_mode"] = trained.get("flow_target_mode", "upstream")
     if getattr(args, "no_norm", False):
         kwargs["normalize"] = False
     if getattr(args, "invert", False):
         kwargs["invert"] = True
+    if model_input is not None:
+        model_input = model_input.with_image_norm(getattr(args, "image_norm", None))
+        if model_input.image_norm == "local" and not model_input.norm_scale_px:
+            from GeneSegNet.data.transforms import norm_scale_for
+
+            diam = (trained or {}).get("diam_mean") or getattr(args, "diam_mean", None) or 34.0
+            model_input = replace(model_input, norm_scale_px=norm_scale_for(float(diam)))
+        kwargs.update(model_input.eval_fields())
     try:
         return EvalConfig(**kwargs)
     except ValueError as exc:

@@ -9,6 +9,16 @@ Output layout per raw sample ``<name>`` (upstream's, spec §1.4; names from
     <out>/<name>/HeatMaps/HeatMap_all/{i}_gaumap_all.png   network input: all spots
     <out>/<name>/HeatMaps/HeatMap/{i}_gaumap.png           spots on labelled pixels only
     <out>/<name>/crops.csv                     crop index and (row, col) offsets
+    <out>/<name>/HeatMaps/Transcripts/{i}_transcripts.tif  density mode: [C, H, W] float32
+    <out>/<name>/sample.json                   pixel size, transcript input, slide scale,
+                                               gene embedding (:mod:`GeneSegNet.data.sample_info`)
+
+Transcript input (one mode per run, :func:`choose_transcript_input`): "density" renders
+:func:`GeneSegNet.data.transcripts.transcript_channels` of each crop from the raw sample's
+whole spot table at the crop's origin (spots just outside count), on the sample's slide
+scale (one per raw sample, from its whole table), with gene channels from one embedding
+learnt on the train-split samples of the run; "heatmap" is upstream's input only. The
+upstream ``HeatMap_all`` PNGs are written in both modes.
 
 Crop offsets reproduce upstream's draws: for every image a fresh ``random.Random(seed)``
 draws ``row = randint(0, H - size)`` then ``col = randint(0, W - size)`` per crop.
@@ -24,7 +34,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from GeneSegNet.data.gene_embedding import GeneEmbedding, learn_gene_embedding
 from GeneSegNet.data.heatmap import DEFAULT_SIGMA, heatmap_to_uint8, render_heatmap
+from GeneSegNet.data.sample_info import (
+    UPSTREAM_TRANSCRIPTS,
+    SampleInfo,
+    write_sample_info,
+)
+from GeneSegNet.data.transcripts import (
+    DEFAULT_SIGMA_UM,
+    TranscriptInput,
+    check_sigma,
+    slide_density_scale,
+    transcript_channels,
+    write_transcript_channels,
+)
 from GeneSegNet.errors import InputError
 from GeneSegNet.io import (
     IMAGE_EXTENSIONS,
@@ -44,10 +68,13 @@ from GeneSegNet.io import (
 )
 from GeneSegNet.io import layout as lay
 from GeneSegNet.io.atomic import atomic_path
+from GeneSegNet.io.metadata import check_pixel_size, metadata_path, resolve_pixel_size
 
 logger = logging.getLogger(__name__)
 
 HEATMAP_CONTEXTS = ("global", "crop")
+TRANSCRIPT_CHOICES = ("auto", "density", "heatmap")  # --transcript_input
+DEFAULT_GENE_CHANNELS = 3  # --gene_channels
 
 
 @dataclass(frozen=True)
@@ -151,8 +178,15 @@ def _to_8bit(image: np.ndarray) -> np.ndarray:
 
 
 def write_sample_crops(sample: RawSample, out_dir: str | Path, config: CropConfig,
-                       overwrite: bool = False) -> Path:
-    """Write all crops of ``sample`` into ``out_dir/<name>``.
+                       overwrite: bool = False, *, transcripts: TranscriptInput | None = None,
+                       pixel_size_um: float | None = None,
+                       embedding: GeneEmbedding | None = None) -> Path:
+    """Write all crops of ``sample`` into ``out_dir/<name>``, with its ``sample.json``.
+
+    ``transcripts``: the run's transcript input (None: upstream heatmap only); in density
+    mode ``pixel_size_um`` (µm/px) is required and the slide scale is computed here from
+    the sample's whole spot table. ``embedding``: the run's gene embedding (needed for
+    gene channels).
 
     The folder is built under a temporary name and renamed when complete, so a failure
     never leaves a half-written sample folder. An existing folder is replaced only with
@@ -161,17 +195,103 @@ def write_sample_crops(sample: RawSample, out_dir: str | Path, config: CropConfi
     final = Path(out_dir) / sample.name
     if final.exists() and not overwrite:
         raise InputError("output folder already exists (use --overwrite to replace it)", final)
+    info = sample_info_for(sample, transcripts or UPSTREAM_TRANSCRIPTS, pixel_size_um,
+                           embedding)
     with staged_directory(final, overwrite=overwrite) as stage:
-        _write_crops(sample, stage, config)
+        _write_crops(sample, stage, config, info)
+        write_sample_info(stage, info)
     return final
 
 
-def _write_crops(sample: RawSample, folder: Path, config: CropConfig) -> None:
+def sample_info_for(sample: RawSample, transcripts: TranscriptInput,
+                    pixel_size_um: float | None, embedding: GeneEmbedding | None
+                    ) -> SampleInfo:
+    """The info of one raw sample: its slide scale (transcripts per µm², from every spot
+    inside its image, as whole-slide inference computes it) when the input needs one."""
+    scale = None
+    if transcripts.needs_slide_scale:
+        if pixel_size_um is None:
+            raise InputError(f"transcript input {transcripts.mode!r} needs the pixel size of "
+                             f"{sample.name!r} (--pixel_size or "
+                             f"{metadata_path('<base_dir>', sample.name)})",
+                             sample.paths.get("images"))
+        height, width = sample.image.shape[:2]
+        rows, cols, _ = spot_pixels(sample.spots["x"], sample.spots["y"], (height, width))
+        scale = slide_density_scale(rows, cols, pixel_size_um=pixel_size_um,
+                                    sigma_um=transcripts.sigma_um)
+    return SampleInfo(pixel_size_um, transcripts, scale,
+                      embedding if transcripts.n_gene_channels > 0 else None)
+
+
+def choose_transcript_input(pixel_sizes: dict[str, float | None], choice: str = "auto", *,
+                            sigma_um: float = DEFAULT_SIGMA_UM,
+                            gene_channels: int = DEFAULT_GENE_CHANNELS,
+                            base_dir: str | Path | None = None) -> TranscriptInput:
+    """The one transcript input of a preprocessing run (``--transcript_input``).
+
+    ``choice`` "auto": density when every sample's pixel size is known, else upstream's
+    heatmap (with a warning); "density": every pixel size must be known (else InputError
+    naming the metadata file and ``--pixel_size``); "heatmap": upstream's input, without
+    gene channels. ``gene_channels`` (``--gene_channels``): gene-embedding channels in
+    density mode (0 = density only).
+    """
+    if choice not in TRANSCRIPT_CHOICES:
+        raise InputError(f"--transcript_input must be one of {TRANSCRIPT_CHOICES}, "
+                         f"got {choice!r}")
+    if int(gene_channels) != gene_channels or gene_channels < 0:
+        raise InputError(f"--gene_channels must be an integer >= 0, got {gene_channels!r}")
+    sigma_um = check_sigma(sigma_um, "--transcript_sigma_um")
+    unknown = sorted(name for name, pixel in pixel_sizes.items() if pixel is None)
+    if choice == "auto":
+        choice = "heatmap" if unknown else "density"
+        if unknown:
+            logger.warning(
+                "no pixel size for sample(s) %s (give --pixel_size or write %s): using "
+                "upstream's heatmap transcript input for the whole run", ", ".join(unknown[:5]),
+                metadata_path(base_dir or "<base_dir>", unknown[0]))
+    if choice == "heatmap":
+        if gene_channels:
+            logger.info("heatmap transcript input: no gene channels (they need density mode)")
+        return UPSTREAM_TRANSCRIPTS
+    if unknown:
+        raise InputError(f"--transcript_input density needs the pixel size of every sample; "
+                         f"none for {', '.join(unknown[:5])}: give --pixel_size (µm/px) or "
+                         "write a metadata file",
+                         metadata_path(base_dir or "<base_dir>", unknown[0]))
+    return TranscriptInput(mode="density", sigma_um=sigma_um,
+                           n_gene_channels=int(gene_channels))
+
+
+def learn_run_embedding(samples: list[tuple[str, dict[str, Path]]],
+                        pixel_sizes: dict[str, float | None], n_components: int, *,
+                        spot_scale: float = 1.0) -> GeneEmbedding:
+    """The run's gene embedding from the spot tables of ``samples`` (positions in µm, so
+    samples of different pixel sizes pool correctly)."""
+    tables = []
+    for name, paths in samples:
+        table = read_spots(paths["spots"], scale=spot_scale, strict=True)
+        pixel = check_pixel_size(pixel_sizes[name], f"pixel size of {name}")
+        tables.append(table.assign(x=table["x"] * pixel, y=table["y"] * pixel))
+    try:
+        embedding = learn_gene_embedding(tables, 1.0, n_components=n_components)
+    except InputError as exc:
+        raise InputError(f"--gene_channels {n_components}: {exc}") from None
+    logger.info("gene embedding learnt on %d sample(s): %s", len(samples),
+                ", ".join(name for name, _ in samples[:5]))
+    return embedding
+
+
+def _write_crops(sample: RawSample, folder: Path, config: CropConfig,
+                 info: SampleInfo) -> None:
     height, width = sample.image.shape[:2]
     size = config.crop_size
     offsets = crop_offsets(height, width, size, config.n_crops, config.seed)
     rows, cols, in_image = spot_pixels(sample.spots["x"], sample.spots["y"], (height, width))
     genes = sample.spots["gene"].to_numpy()[in_image]
+    density = info.transcripts.mode == "density"
+    codes = None if info.embedding is None else info.embedding.encode(genes)
+    if density:
+        (folder / lay.TRANSCRIPTS_DIR).mkdir(parents=True)
     image = sample.image if config.image_format == "png" else _to_8bit(sample.image)
     heat_ext = config.heatmap_format
     for sub in (lay.IMAGES_DIR, lay.LABELS_DIR, lay.SPOTS_DIR, lay.HEATMAP_ALL_DIR,
@@ -189,6 +309,13 @@ def _write_crops(sample: RawSample, folder: Path, config: CropConfig) -> None:
             heat = render_heatmap(cr, cc, (size, size), config.sigma)
         write_image(folder / lay.HEATMAP_ALL_DIR / lay.heatmap_name(i, heat_ext),
                     heatmap_to_uint8(heat))
+        if density:
+            channels = transcript_channels(
+                rows, cols, codes, (size, size), info.transcripts,
+                pixel_size_um=info.pixel_size_um, slide_scale=info.slide_scale,
+                embedding=info.embedding, origin=(r0, c0))
+            write_transcript_channels(folder / lay.TRANSCRIPTS_DIR / lay.transcripts_name(i),
+                                      channels)
         if sample.labels is None:
             continue
         label_crop = sample.labels[r0: r0 + size, c0: c0 + size]
@@ -234,11 +361,20 @@ def split_samples(names: list[str], fractions: tuple[float, float, float], seed:
 def prepare_dataset(base_dir: str | Path, save_dir: str | Path, config: CropConfig, *,
                     split: tuple[float, float, float] | None = None, split_seed: int = 0,
                     spot_scale: float = 1.0, require_labels: bool = True,
-                    overwrite: bool = False, progress: bool = False) -> list[Path]:
+                    overwrite: bool = False, progress: bool = False,
+                    pixel_size: float | None = None, transcript_input: str = "auto",
+                    transcript_sigma_um: float = DEFAULT_SIGMA_UM,
+                    gene_channels: int = DEFAULT_GENE_CHANNELS) -> list[Path]:
     """Crop every raw sample of ``base_dir`` into ``save_dir`` (optionally split).
 
-    All pairing and output-collision checks run before anything is written; each sample
-    folder is then written completely or not at all. Returns the sample folders written.
+    ``pixel_size`` (µm/px, ``--pixel_size``) must agree with a sample's metadata file
+    ``<base_dir>/metadata/<sample>.json`` when both exist; ``transcript_input``,
+    ``transcript_sigma_um`` and ``gene_channels``: see :func:`choose_transcript_input`.
+    The gene embedding is learnt once, from the train-split samples (all without a split).
+
+    All pairing, pixel-size and output-collision checks run before anything is written;
+    each sample folder is then written completely or not at all. Returns the sample
+    folders written.
     """
     from tqdm import tqdm
 
@@ -256,10 +392,22 @@ def prepare_dataset(base_dir: str | Path, save_dir: str | Path, config: CropConf
         if taken:
             raise InputError(f"output sample folder(s) already exist: {', '.join(taken[:5])} "
                              "(use --overwrite to replace them)")
+    pixel_sizes = {name: resolve_pixel_size(base_dir, name, pixel_size) for name in names}
+    transcripts = choose_transcript_input(pixel_sizes, transcript_input,
+                                          sigma_um=transcript_sigma_um,
+                                          gene_channels=gene_channels, base_dir=base_dir)
+    embedding = None
+    if transcripts.n_gene_channels > 0:
+        train = [(n, p) for n, p in samples if assignment.get(n, "train") == "train"]
+        embedding = learn_run_embedding(train or samples, pixel_sizes,
+                                        transcripts.n_gene_channels, spot_scale=spot_scale)
+    logger.info("transcript input: %s", transcripts)
     written = []
     for name, paths in tqdm(samples, desc="samples", disable=not progress):
         sample = load_raw_sample(name, paths, min_size=config.crop_size, spot_scale=spot_scale)
-        written.append(write_sample_crops(sample, targets[name], config, overwrite=overwrite))
+        written.append(write_sample_crops(sample, targets[name], config, overwrite=overwrite,
+                                          transcripts=transcripts,
+                                          pixel_size_um=pixel_sizes[name], embedding=embedding))
         logger.debug("%s: %d spots, %d crops -> %s", name, len(sample.spots), config.n_crops,
                      written[-1])
     return written

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from GeneSegNet.data.sample_info import read_sample_info
+from GeneSegNet.data.transcripts import read_transcript_channels
 from GeneSegNet.errors import InputError
 from GeneSegNet.io import (
     IMAGE_EXTENSIONS,
@@ -45,6 +48,12 @@ class Crop:
     heatmap : (H, W) as stored (uint8 0..255 for our PNG heatmaps).
     labels : (H, W) integer ids or None when the folder has no labels.
     spots_xy : (N, 2) int64 spot pixels, columns (x = col, y = row).
+    spot_genes : (N,) gene names aligned with ``spots_xy`` (empty when unknown).
+    origin : (row, col) offset in px of the crop in its raw image (``crops.csv``);
+        (0, 0) when unknown.
+    pixel_size_um : µm per pixel of the raw sample (sample info file); None when unknown.
+    transcripts : [C, H, W] float32 transcript channels (density mode); None in upstream
+        heatmap mode, where ``heatmap`` is the network's transcript input.
     """
 
     sample: str
@@ -55,21 +64,43 @@ class Crop:
     spots_xy: np.ndarray
     image_path: Path
     label_path: Path | None
+    spot_genes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    origin: tuple[int, int] = (0, 0)
+    pixel_size_um: float | None = None
+    transcripts: np.ndarray | None = None
 
     @property
     def name(self) -> str:
         return f"{self.sample}/{self.key}"
 
 
-def _crop_spot_pixels(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+def _crop_spot_pixels(path: Path | None, shape: tuple[int, int]
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Pixels of the spots of a crop's spot table that lie inside the (H, W) crop, int64
     [N, 2] with columns (x = col, y = row), by :func:`GeneSegNet.io.spots.spot_pixels`
-    (floor; equals upstream's ``int(float())`` inside); empty for no table."""
+    (floor; equals upstream's ``int(float())`` inside), and their gene names (N,) object;
+    both empty for no table."""
     if path is None:
-        return np.zeros((0, 2), np.int64)
+        return np.zeros((0, 2), np.int64), np.zeros(0, dtype=object)
     spots = read_spots(path, strict=True)
-    rows, cols, _ = spot_pixels(spots["x"], spots["y"], shape)
-    return np.stack([cols, rows], axis=1).astype(np.int64, copy=False)
+    rows, cols, inside = spot_pixels(spots["x"], spots["y"], shape)
+    genes = spots["gene"].to_numpy().astype(str).astype(object)[inside]
+    return np.stack([cols, rows], axis=1).astype(np.int64, copy=False), genes
+
+
+def read_crop_origins(sample_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """Crop key -> (row, col) offset in px of the crop in its raw image, from the sample's
+    ``crops.csv``; empty when the folder has none (upstream folders)."""
+    path = Path(sample_dir) / lay.CROPS_TABLE
+    if not path.is_file():
+        return {}
+    try:
+        table = pd.read_csv(path, dtype={"crop": str})
+        return {str(k): (int(r), int(c)) for k, r, c in
+                zip(table["crop"], table["row_offset"], table["col_offset"], strict=True)}
+    except (KeyError, ValueError, OSError, pd.errors.ParserError) as exc:
+        raise InputError(f"malformed crop table ({exc}); expected columns crop, row_offset, "
+                         "col_offset", path) from exc
 
 
 def load_sample_folder(sample_dir: str | Path, *, chan: int = 2,
@@ -100,6 +131,9 @@ def load_sample_folder(sample_dir: str | Path, *, chan: int = 2,
         groups["spots"] = index_by_sample(list_files(spots_dir, (lay.SPOT_TABLE_EXT,)),
                                           suffixes=lay.CROP_SPOT_SUFFIXES)
     required = [r for r in ("images", "heatmaps", "labels") if r in groups]
+    info = read_sample_info(sample_dir)
+    origins = read_crop_origins(sample_dir)
+    density = info is not None and info.transcripts.mode == "density"
     crops = []
     for key, paths in pair_samples(groups, required=required):
         image = read_image(paths["images"], mode)
@@ -110,10 +144,31 @@ def load_sample_folder(sample_dir: str | Path, *, chan: int = 2,
                 raise InputError(f"{what} shape {array.shape[:2]} differs from its image's "
                                  f"{image.shape[:2]} ({paths['images'].name})",
                                  paths["heatmaps" if what == "heatmap" else "labels"])
-        crops.append(Crop(sample_dir.name, key, image, heatmap, labels,
-                          _crop_spot_pixels(paths.get("spots"), image.shape[:2]), paths["images"],
-                          paths.get("labels")))
+        spots_xy, genes = _crop_spot_pixels(paths.get("spots"), image.shape[:2])
+        transcripts = None
+        if density:
+            transcripts = _read_crop_transcripts(sample_dir, key, image.shape[:2],
+                                                 info.transcripts.n_channels)
+        crops.append(Crop(sample_dir.name, key, image, heatmap, labels, spots_xy,
+                          paths["images"], paths.get("labels"), spot_genes=genes,
+                          origin=origins.get(key, (0, 0)),
+                          pixel_size_um=None if info is None else info.pixel_size_um,
+                          transcripts=transcripts))
     return sorted(crops, key=lambda c: _natural_key(c.key))
+
+
+def _read_crop_transcripts(sample_dir: Path, key: str, shape: tuple[int, int],
+                           n_channels: int) -> np.ndarray:
+    """float32 [C, H, W] stored transcript channels of crop ``key`` (density mode)."""
+    path = sample_dir / lay.TRANSCRIPTS_DIR / lay.transcripts_name(key)
+    if not path.is_file():
+        raise InputError(f"transcript channels of crop {key!r} missing ({lay.SAMPLE_INFO} "
+                         "says density mode)", path)
+    array = read_transcript_channels(path)
+    if array.shape != (n_channels, *shape):
+        raise InputError(f"transcript channels have shape {array.shape}, expected "
+                         f"{(n_channels, *shape)} ({lay.SAMPLE_INFO})", path)
+    return array
 
 
 def _natural_key(text: str) -> tuple:
@@ -148,12 +203,26 @@ def load_dataset(root: str | Path, *, round_index: int = 1,
     return crops
 
 
-def network_input(crop: Crop) -> np.ndarray:
-    """Stack a crop's image channels and heatmap into (C, H, W) float32, unnormalised.
+def network_input(crop: Crop, density: bool | None = None) -> np.ndarray:
+    """Stack a crop's image channels and transcript input into (C, H, W) float32,
+    unnormalised.
 
-    C = 2 (grey, heatmap) or 4 (B, G, R, heatmap); the heatmap is the last channel.
+    Image channels first (grey, or B, G, R), then the transcript channels: the crop's
+    stored ``transcripts`` [T, H, W] (density mode), else its heatmap (one channel, last).
+    ``density``: True requires the stored channels, False uses the heatmap, None (default)
+    uses the channels when the crop has them.
     """
     image = crop.image[..., None] if crop.image.ndim == 2 else crop.image
-    stacked = np.concatenate([image.astype(np.float32),
-                              crop.heatmap[..., None].astype(np.float32)], axis=-1)
-    return np.ascontiguousarray(np.moveaxis(stacked, -1, 0))
+    image = np.moveaxis(image.astype(np.float32), -1, 0)
+    if density is None:
+        density = crop.transcripts is not None
+    if density:
+        if crop.transcripts is None:
+            raise InputError(f"crop {crop.name} has no transcript channels (its folder was "
+                             "preprocessed in heatmap mode) but the model takes density "
+                             "input; preprocess with --transcript_input density",
+                             crop.image_path)
+        transcripts = np.asarray(crop.transcripts, dtype=np.float32)
+    else:
+        transcripts = crop.heatmap[None].astype(np.float32)
+    return np.ascontiguousarray(np.concatenate([image, transcripts]))

@@ -8,10 +8,15 @@ Random augmentation lives in :mod:`GeneSegNet.training.augment`, tiling in
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import cv2
 import numpy as np
+
+from GeneSegNet.data.normalize import LevelGrid, apply_levels, normalize_local
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +24,10 @@ _INTERPOLATION = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
 
 HeatmapMode = Literal["fixed", "percentile"]
 HEATMAP_MODES: tuple[HeatmapMode, ...] = ("fixed", "percentile")  # the one list of scalings
+# image-channel normalisation: local levels (GeneSegNet.data.normalize) or 1-99 % per input
+IMAGE_NORMS = ("local", "percentile")
+MIN_NORM_SCALE_PX = 64  # smallest block of local normalisation (px)
+NORM_SCALE_DIAMETERS = 4.0  # local normalisation block = this many cell diameters
 
 
 def check_heatmap_mode(mode: str) -> None:
@@ -80,6 +89,11 @@ def normalize_channels(
     heatmap_channel: int | None,
     heatmap_mode: HeatmapMode = "fixed",
     invert: bool = False,
+    passthrough: int = 0,
+    image_norm: str = "percentile",
+    scale_px: int = 0,
+    origin: tuple[int, int] = (0, 0),
+    levels: Sequence[LevelGrid] | None = None,
 ) -> np.ndarray:
     """Normalise every channel of one image, treating the heatmap channel apart.
 
@@ -96,7 +110,15 @@ def normalize_channels(
         :func:`normalize99` on the heatmap as well (zeroes heatmaps that are non-zero on
         fewer than about 1 % of the pixels).
     invert : bool
-        Replace every non-heatmap channel x by 1 - x after normalisation.
+        Replace every image channel x by 1 - x after normalisation.
+    passthrough : int
+        The last ``passthrough`` channels (density-mode transcript channels, on a fixed
+        per-slide scale) are copied unchanged.
+    image_norm : {"percentile", "local"}
+        Image channels (neither heatmap nor passthrough): :func:`normalize99`, or local
+        levels (:mod:`GeneSegNet.data.normalize`) on blocks of ``scale_px`` px anchored at
+        the absolute ``origin`` (row, col) of pixel (0, 0), or the slide's ``levels``
+        (one :class:`LevelGrid` per image channel) when given.
 
     Returns
     -------
@@ -106,7 +128,12 @@ def normalize_channels(
     if image.ndim != 3:
         raise ValueError(f"expected an image of shape [C, H, W], got shape {image.shape}")
     check_heatmap_mode(heatmap_mode)
+    check_image_norm(image_norm)
     n_chan = image.shape[0]
+    if not 0 <= passthrough <= n_chan:
+        raise ValueError(f"passthrough {passthrough} out of range for {n_chan} channels")
+    if image_norm == "local" and levels is None and scale_px < 2:
+        raise ValueError(f"local image normalisation needs scale_px >= 2, got {scale_px}")
     heat = None
     if heatmap_channel is not None:
         if not -n_chan <= heatmap_channel < n_chan:
@@ -115,14 +142,94 @@ def normalize_channels(
             )
         heat = heatmap_channel % n_chan
     out = np.empty(image.shape, dtype=np.float32)
+    image_index = 0
     for c in range(n_chan):
-        if c == heat and heatmap_mode == "fixed":
-            out[c] = _fixed_heatmap(image[c])
+        if c >= n_chan - passthrough:
+            out[c] = image[c]
             continue
-        out[c] = normalize99(image[c])
-        if invert and c != heat:
+        if c == heat:
+            out[c] = _fixed_heatmap(image[c]) if heatmap_mode == "fixed" else normalize99(image[c])
+            continue
+        if image_norm == "local" and levels is not None:
+            out[c] = apply_levels(image[c], levels[image_index], origin)
+        elif image_norm == "local":
+            out[c] = normalize_local(image[c], scale_px=int(scale_px), origin=origin)
+        else:
+            out[c] = normalize99(image[c])
+        image_index += 1
+        if invert:
             out[c] = 1.0 - out[c]
     return out
+
+
+def check_image_norm(mode: str) -> None:
+    """Raise ValueError unless ``mode`` is one of :data:`IMAGE_NORMS`."""
+    if mode not in IMAGE_NORMS:
+        raise ValueError(f"image_norm must be one of {IMAGE_NORMS}, got {mode!r}")
+
+
+def norm_scale_for(diameter_px: float) -> int:
+    """Block size (px) of local image normalisation for cells of ``diameter_px`` px:
+    ``max(MIN_NORM_SCALE_PX, ceil(NORM_SCALE_DIAMETERS × diameter))``."""
+    return max(MIN_NORM_SCALE_PX, int(math.ceil(NORM_SCALE_DIAMETERS * float(diameter_px))))
+
+
+@dataclass(frozen=True)
+class InputNorm:
+    """How a network input ``[image channels..., transcript channels...]`` is normalised.
+
+    ``transcript_mode`` "heatmap": one transcript channel (the last), scaled by
+    ``heatmap_mode``; "density": the last ``n_transcripts`` channels pass unchanged.
+    ``image_norm``/``scale_px`` (px): see :func:`normalize_channels`.
+    """
+
+    heatmap_mode: HeatmapMode = "fixed"
+    image_norm: str = "percentile"
+    transcript_mode: str = "heatmap"
+    n_transcripts: int = 1
+    scale_px: int = 0
+    invert: bool = False
+
+    def __post_init__(self) -> None:
+        check_heatmap_mode(self.heatmap_mode)
+        check_image_norm(self.image_norm)
+        if self.transcript_mode not in ("heatmap", "density"):
+            raise ValueError(f"transcript_mode must be 'heatmap' or 'density', "
+                             f"got {self.transcript_mode!r}")
+        if self.n_transcripts < 1 or (self.transcript_mode == "heatmap"
+                                      and self.n_transcripts != 1):
+            raise ValueError(f"n_transcripts={self.n_transcripts} invalid for "
+                             f"{self.transcript_mode} mode")
+        if self.image_norm == "local" and self.scale_px < 2:
+            raise ValueError(f"local image normalisation needs scale_px >= 2, got "
+                             f"{self.scale_px}")
+
+
+def normalize_input(
+    raw: np.ndarray,
+    norm: InputNorm,
+    *,
+    origin: tuple[int, int] = (0, 0),
+    levels: Sequence[LevelGrid] | None = None,
+) -> np.ndarray:
+    """Normalised network input float32 [C, H, W] from an unnormalised one (see
+    :class:`InputNorm`); ``origin`` (row, col, px) of pixel (0, 0) in the raw slide."""
+    raw = np.asarray(raw)
+    if raw.ndim != 3 or raw.shape[0] <= norm.n_transcripts:
+        raise ValueError(f"expected an input [C, H, W] with more than {norm.n_transcripts} "
+                         f"channels (image, then transcripts), got shape {raw.shape}")
+    density = norm.transcript_mode == "density"
+    return normalize_channels(
+        raw,
+        heatmap_channel=None if density else -1,
+        heatmap_mode=norm.heatmap_mode,
+        invert=norm.invert,
+        passthrough=norm.n_transcripts if density else 0,
+        image_norm=norm.image_norm,
+        scale_px=norm.scale_px,
+        origin=origin,
+        levels=levels,
+    )
 
 
 def _cv2_dtype(img: np.ndarray, interpolation: str) -> tuple[np.ndarray, np.dtype]:

@@ -44,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from GeneSegNet.device import as_device
-from GeneSegNet.dynamics import kernels
+from GeneSegNet.dynamics import DEFAULT_FLOW_TARGET_MODE, FLOW_TARGET_MODES, kernels
 from GeneSegNet.dynamics.masks import bounding_boxes, compact_labels, renumber
 from GeneSegNet.io.atomic import atomic_path
 
@@ -66,8 +66,7 @@ STENCIL: tuple[tuple[int, int], ...] = (
 
 # Neighbours of the gradient (step 5 of the module docstring): "isolated" ignores other
 # cells (leak-free, the default), "upstream" takes raw neighbours (upstream's leak).
-FLOW_TARGET_MODES: tuple[str, ...] = ("isolated", "upstream")
-DEFAULT_FLOW_TARGET_MODE = "isolated"
+# (defined in the light package __init__ so that scripts' parsers need not import torch)
 
 # Bumped whenever the target definition changes, so old on-disk caches miss.
 _TARGET_VERSION = b"genesegnet-flow-targets-v2"

@@ -435,6 +435,9 @@ def transcript_assignment_accuracy(
         background) equals ``true_cell_of_spot``. ``precision`` and ``recall`` of "in a
         cell" versus background: TP = spots in a pred cell and truly in a cell,
         precision = TP / spots in a pred cell, recall = TP / spots truly in a cell.
+        ``right_cell``: fraction of the spots truly in a cell whose pred cell stands for
+        that cell; ``background_in_cells``: fraction of the true background spots that
+        fall in a pred cell.
         ``n_spots`` (spots used) and ``n_ignored`` (outside the image). Ratios with a
         zero denominator are NaN.
     """
@@ -461,6 +464,9 @@ def transcript_assignment_accuracy(
         "accuracy": _ratio(int((assigned == truth).sum()), truth.size),
         "precision": _ratio(both, int(in_pred.sum())),
         "recall": _ratio(both, int(in_true.sum())),
+        "right_cell": _ratio(int((assigned[in_true] == truth[in_true]).sum()),
+                             int(in_true.sum())),
+        "background_in_cells": _ratio(int(in_pred[~in_true].sum()), int((~in_true).sum())),
         "n_spots": int(truth.size),
         "n_ignored": int((~inside).sum()),
     }

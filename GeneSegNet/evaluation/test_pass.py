@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from GeneSegNet.data.dataset import Crop, load_sample_folder
 from GeneSegNet.data.dataset import sample_folders as list_sample_folders
+from GeneSegNet.data.model_input import check_model_channels, model_input_from_meta
 from GeneSegNet.dynamics.masks import outlines_list, remove_edge_masks, size_shape_filter
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.metrics import (
@@ -333,9 +334,15 @@ def evaluate_dataset(
     test_dir = Path(test_dir)
     out = output if output is not None else OutputOptions()
     _check_output_options(out)
-    nchan = getattr(getattr(net, "config", None), "nchan", chan)
-    if nchan != chan:
-        raise InputError(f"the network takes {nchan} input channels but --chan is {chan}")
+    model_input = model_input_from_meta(meta)
+    nchan = getattr(getattr(net, "config", None), "nchan", None)
+    if nchan is not None:
+        check_model_channels(nchan, chan, model_input)
+    if (cfg.transcript_mode, cfg.n_transcripts) != (model_input.transcripts.mode,
+                                                    model_input.n_transcripts):
+        raise InputError(f"evaluation settings take {cfg.n_transcripts} {cfg.transcript_mode} "
+                         f"transcript channel(s) but the model was trained on "
+                         f"{model_input.n_transcripts} {model_input.transcripts.mode} channel(s)")
     samples = _load_samples(
         test_dir,
         chan=chan,

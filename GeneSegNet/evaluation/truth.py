@@ -43,6 +43,10 @@ def score_sample(pred: np.ndarray, true_cells: np.ndarray, truth_spots: pd.DataF
     for t in result.thresholds:
         scores[threshold_key("AP", t)] = float(result.ap[t])
     scores["assignment_accuracy"] = float(assignment["accuracy"])
+    scores["right_cell"] = float(assignment["right_cell"])
+    scores["background_in_cells"] = float(assignment["background_in_cells"])
+    scores["recall@0.5"] = (float(result.tp[0.5]) / result.n_true if result.n_true
+                            else float("nan"))
     return scores
 
 

@@ -9,6 +9,7 @@ keep an integer type at least as wide as stored (never truncated to 8 bit).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -202,8 +203,9 @@ def write_image(path: str | Path, image: np.ndarray, jpeg_quality: int = 95) -> 
     return path
 
 
-def write_label(path: str | Path, labels: np.ndarray) -> Path:
-    """Write a label image atomically, choosing the narrowest lossless type.
+def write_label(path: str | Path, labels: np.ndarray, dtype: np.dtype | None = None) -> Path:
+    """Write a label image atomically, choosing the narrowest lossless type (or ``dtype``,
+    e.g. uint32 for tools that want 32-bit labels; ids must fit it).
 
     ``.png``: 8-bit when ids ≤ 255, else 16-bit; ids above 65,535 cannot be stored in a
     PNG, so the file is written as 32-bit TIFF with suffix ``.tif`` instead (the path
@@ -217,7 +219,10 @@ def write_label(path: str | Path, labels: np.ndarray) -> Path:
     if suffix == ".png" and top > UINT16_MAX:
         path = path.with_suffix(".tif")
         suffix = ".tif"
-    dtype = np.uint8 if top <= 255 else np.uint16 if top <= UINT16_MAX else np.uint32
+    if dtype is None:
+        dtype = np.uint8 if top <= 255 else np.uint16 if top <= UINT16_MAX else np.uint32
+    elif labels.size and (labels.min() < 0 or top > np.iinfo(dtype).max):
+        raise InputError(f"label ids do not fit {np.dtype(dtype).name}", path)
     data = labels.astype(dtype, copy=False)
     with atomic_path(path) as tmp:
         if suffix == ".png":
@@ -235,3 +240,20 @@ def write_label(path: str | Path, labels: np.ndarray) -> Path:
         else:
             raise ValueError(f"unsupported label format {suffix!r}")
     return path
+
+
+def write_tiled_tiff(path: str | Path, tiles: Iterable[np.ndarray], shape: tuple[int, int],
+                     dtype: np.dtype, tile: int, *, pixel_size_um: float | None = None,
+                     compression: str | None = "zlib") -> Path:
+    """Stream ``tile`` x ``tile`` tiles (row-major, edge tiles zero-padded) into a tiled
+    BigTIFF of ``shape`` (H, W), atomically; memory is one tile. ``pixel_size_um`` is
+    stored as the TIFF resolution."""
+    resolution = None
+    if pixel_size_um:
+        resolution = (1e4 / pixel_size_um, 1e4 / pixel_size_um)  # px per cm
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, iter(tiles), shape=tuple(shape), dtype=dtype, tile=(tile, tile),
+                         bigtiff=True, photometric="minisblack", compression=compression,
+                         resolution=resolution,
+                         resolutionunit="CENTIMETER" if resolution else None, metadata=None)
+    return Path(path)

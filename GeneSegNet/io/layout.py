@@ -8,7 +8,12 @@ Preprocessed (crop) layout, written by :mod:`GeneSegNet.data.crops` and read by
     <root>/<sample>/spots/{k}_spot.csv                       spotX,spotY,gene in crop pixels
     <root>/<sample>/HeatMaps/HeatMap_all/{k}_gaumap_all.<ext>  network input: all spots
     <root>/<sample>/HeatMaps/HeatMap/{k}_gaumap.<ext>          spots on labelled pixels only
+    <root>/<sample>/HeatMaps/Transcripts/{k}_transcripts.tif  density-mode network input
+                                                             ([C, H, W] float32 TIFF)
     <root>/<sample>/crops.csv                                crop key and (row, col) offsets
+    <root>/<sample>/sample.json                              per-sample info: pixel size,
+                                                             transcript input, slide scale,
+                                                             gene embedding
     <root>/<sample>/newlabels/{k}_label.<ext>                refined labels (training rounds)
 
 ``k`` is the crop key. Files of one crop are paired by key, never by sorted position.
@@ -33,7 +38,9 @@ HEATMAPS_DIR = "HeatMaps"
 HEATMAP_ALL_DIR = Path(HEATMAPS_DIR) / "HeatMap_all"  # the network's heatmap input
 HEATMAP_IN_CELL_DIR = Path(HEATMAPS_DIR) / "HeatMap"  # spots on labelled pixels only
 REFINED_LABELS_DIR = "newlabels"  # default name of the refined-label folder
+TRANSCRIPTS_DIR = Path(HEATMAPS_DIR) / "Transcripts"  # density-mode transcript channels
 CROPS_TABLE = "crops.csv"
+SAMPLE_INFO = "sample.json"  # per-sample info file (pixel size, transcript input...)
 # names inside a sample folder that hold inputs (outputs must never go there)
 INPUT_FOLDERS = frozenset({IMAGES_DIR, LABELS_DIR, SPOTS_DIR, HEATMAPS_DIR, REFINED_LABELS_DIR})
 
@@ -43,6 +50,8 @@ LABEL_SUFFIX = "_label"
 SPOT_SUFFIX = "_spot"
 HEATMAP_ALL_SUFFIX = "_gaumap_all"
 HEATMAP_IN_CELL_SUFFIX = "_gaumap"
+TRANSCRIPTS_SUFFIX = "_transcripts"
+TRANSCRIPTS_EXT = ".tif"
 CROP_SPOT_SUFFIXES = (SPOT_SUFFIX, "_spots")  # accepted when reading crop spot tables
 SPOT_TABLE_EXT = ".csv"
 LABEL_FLOWS_ENDING = "_flows.tif"  # upstream's flow files next to labels: not label images
@@ -79,6 +88,11 @@ def heatmap_name(key: str | int, ext: str = "png") -> str:
 def in_cell_heatmap_name(key: str | int, ext: str = "png") -> str:
     """``{k}_gaumap.{ext}``: file name of crop ``key``'s in-cell heatmap."""
     return f"{key}{HEATMAP_IN_CELL_SUFFIX}.{ext.lstrip('.')}"
+
+
+def transcripts_name(key: str | int) -> str:
+    """``{k}_transcripts.tif``: file name of crop ``key``'s transcript channels."""
+    return f"{key}{TRANSCRIPTS_SUFFIX}{TRANSCRIPTS_EXT}"
 
 
 def label_folder_for_round(

@@ -14,6 +14,7 @@ image (upstream re-read them from disk for every image, spec §12 item 5).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +22,16 @@ import torch
 from torch import nn
 
 from GeneSegNet.data.dataset import Crop, network_input
+from GeneSegNet.data.normalize import LevelGrid
 from GeneSegNet.data.transforms import (
     HEATMAP_MODES,
     HeatmapMode,
-    normalize_channels,
+    InputNorm,
+    normalize_input,
     pad_to_multiple,
     resize_image,
 )
+from GeneSegNet.dynamics.flow_targets import DEFAULT_FLOW_TARGET_MODE, check_mode
 from GeneSegNet.dynamics.masks import renumber
 from GeneSegNet.dynamics.reconstruct import compute_masks
 from GeneSegNet.model.tiling import blend_tiles, make_tiles
@@ -64,6 +68,15 @@ class EvalConfig:
     niter : flow-following steps (upstream 200, not scaled with the resize).
     y_only_movers : choose the pixels to move by their Y flow only (upstream's quirk,
         which leaves exactly horizontal flows unlabelled); False tests both components.
+    flow_target_mode : flow targets the flow check compares with (the mode the model was
+        trained with; see :data:`GeneSegNet.dynamics.flow_targets.FLOW_TARGET_MODES`).
+    image_norm : image-channel normalisation, "percentile" (1-99 %) or "local" (levels
+        on blocks of ``norm_scale_px`` px, :mod:`GeneSegNet.data.normalize`).
+    transcript_mode, n_transcripts : the model's transcript input (the trailing
+        ``n_transcripts`` channels): "heatmap" (one channel, ``heatmap_mode``) or
+        "density" (channels passed unchanged). Set from the checkpoint
+        (:meth:`GeneSegNet.data.model_input.ModelInput.eval_fields`).
+    norm_scale_px : block of local normalisation in px (0 when unused).
     """
 
     diameter: float = 32.0
@@ -79,9 +92,18 @@ class EvalConfig:
     min_size: int = 15
     niter: int = 200
     y_only_movers: bool = False
+    flow_target_mode: str = DEFAULT_FLOW_TARGET_MODE
+    image_norm: str = "percentile"
+    transcript_mode: str = "heatmap"
+    n_transcripts: int = 1
+    norm_scale_px: int = 0
 
     def __post_init__(self) -> None:
         problems = []
+        try:
+            self.input_norm()
+        except ValueError as exc:
+            problems.append(str(exc))
         if not self.diameter >= 0:
             problems.append(f"diameter must be >= 0 (0 = use the model's), got {self.diameter}")
         if self.tile_size < 1:
@@ -98,8 +120,19 @@ class EvalConfig:
             problems.append("invert needs normalisation (it flips the normalised 0..1 range)")
         if self.niter < 1:
             problems.append(f"niter must be >= 1, got {self.niter}")
+        try:
+            check_mode(self.flow_target_mode)
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
+
+    def input_norm(self) -> InputNorm:
+        """How the network input is normalised (see
+        :func:`GeneSegNet.data.transforms.normalize_input`)."""
+        return InputNorm(heatmap_mode=self.heatmap_mode, image_norm=self.image_norm,
+                         transcript_mode=self.transcript_mode, n_transcripts=self.n_transcripts,
+                         scale_px=self.norm_scale_px, invert=self.invert)
 
 
 @dataclass
@@ -204,21 +237,32 @@ def run_network(
     )
 
 
-def prepare_input(crop_or_input: Crop | np.ndarray, cfg: EvalConfig) -> np.ndarray:
-    """Network input of a crop: [C, H, W] float32, normalised per ``cfg`` (heatmap last).
+def prepare_input(
+    crop_or_input: Crop | np.ndarray,
+    cfg: EvalConfig,
+    *,
+    origin: tuple[int, int] | None = None,
+    levels: Sequence[LevelGrid] | None = None,
+) -> np.ndarray:
+    """Network input of a crop: [C, H, W] float32, normalised per ``cfg``.
 
-    ``crop_or_input`` is a :class:`Crop` or an unnormalised [C, H, W] array as returned
-    by :func:`GeneSegNet.data.dataset.network_input`.
+    ``crop_or_input`` is a :class:`Crop` (its stored transcript channels in density mode,
+    its heatmap otherwise) or an unnormalised [C, H, W] array as returned by
+    :func:`GeneSegNet.data.dataset.network_input` (transcript channels last). ``origin``
+    (row, col, px) of pixel (0, 0) in the raw image, for local normalisation (default:
+    the crop's origin, or (0, 0)); ``levels``: the slide's local levels per image channel.
     """
-    raw = network_input(crop_or_input) if isinstance(crop_or_input, Crop) else crop_or_input
-    raw = np.asarray(raw)
-    if raw.ndim != 3 or raw.shape[0] < 2:
-        raise ValueError(f"expected an input [C, H, W] with C >= 2 (heatmap last), got {raw.shape}")
+    if isinstance(crop_or_input, Crop):
+        raw = network_input(crop_or_input, density=cfg.transcript_mode == "density")
+        origin = crop_or_input.origin if origin is None else origin
+    else:
+        raw = np.asarray(crop_or_input)
+    if raw.ndim != 3 or raw.shape[0] <= cfg.n_transcripts:
+        raise ValueError(f"expected an input [C, H, W] with C > {cfg.n_transcripts} (image, "
+                         f"then {cfg.n_transcripts} transcript channel(s)), got {raw.shape}")
     if not cfg.normalize:
         return raw.astype(np.float32)
-    return normalize_channels(
-        raw, heatmap_channel=-1, heatmap_mode=cfg.heatmap_mode, invert=cfg.invert
-    )
+    return normalize_input(raw, cfg.input_norm(), origin=origin or (0, 0), levels=levels)
 
 
 def predict_crop(
@@ -258,6 +302,7 @@ def predict_crop(
         min_size=cfg.min_size,
         device=device,
         y_only_movers=cfg.y_only_movers,
+        target_mode=cfg.flow_target_mode,
     )
     if flows.shape[1:] != (height, width):  # resample=False: back to the crop's size
         masks = renumber(resize_image(masks, (height, width), "nearest"), order="first")

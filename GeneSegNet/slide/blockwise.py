@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from GeneSegNet.dynamics.flow_targets import DEFAULT_FLOW_TARGET_MODE
 from GeneSegNet.dynamics.reconstruct import compute_masks
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ def reconstruct_blockwise(
     flow_threshold: float = 0.4,
     min_size: int = 15,
     y_only_movers: bool = False,
+    target_mode: str = DEFAULT_FLOW_TARGET_MODE,
     device="cpu",
     progress: bool = False,
 ) -> np.ndarray:
@@ -104,7 +106,7 @@ def reconstruct_blockwise(
     cellprob : [H, W] float, cell-probability logits.
     block_size : core block edge in pixels.
     halo : pixels added on each side of a core block (about two cell diameters).
-    niter, confidence_threshold, flow_threshold, min_size, y_only_movers, device :
+    niter, confidence_threshold, flow_threshold, min_size, y_only_movers, target_mode, device :
         as :func:`GeneSegNet.dynamics.reconstruct.compute_masks`.
     progress : show a progress bar over blocks.
 
@@ -136,6 +138,7 @@ def reconstruct_blockwise(
             flow_threshold=flow_threshold,
             min_size=min_size,
             y_only_movers=y_only_movers,
+            target_mode=target_mode,
             device=device,
         )
         if not masks.any():

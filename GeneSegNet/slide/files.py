@@ -25,20 +25,17 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tifffile
 
 from GeneSegNet.errors import InputError
 from GeneSegNet.figures import mask_overlay
 from GeneSegNet.io import (
     IMAGE_EXTENSIONS,
     SPOT_EXTENSIONS,
-    atomic_path,
     index_by_sample,
     list_files,
     read_image,
@@ -74,6 +71,8 @@ class SlideInputs:
     table : the spot table (x, y, gene; pixels), kept for mapping, else None.
     n_spots, n_outside, n_invalid : all rows; rows outside the image; rows with
         non-numeric or non-finite coordinates.
+    codes : int gene codes of the spots inside the image (``encode`` of
+        :func:`load_slide`), or None.
     """
 
     sample: SlideSample
@@ -84,6 +83,7 @@ class SlideInputs:
     n_spots: int = 0
     n_outside: int = 0
     n_invalid: int = 0
+    codes: np.ndarray | None = None
 
 
 def discover_slides(root_dir: str | Path) -> list[SlideSample]:
@@ -138,9 +138,13 @@ def check_output_dir(path: str | Path) -> Path:
 
 
 def load_slide(
-    sample: SlideSample, *, image_mode: str, spot_scale: float = 1.0, keep_table: bool = False
+    sample: SlideSample, *, image_mode: str, spot_scale: float = 1.0, keep_table: bool = False,
+    encode=None,
 ) -> SlideInputs:
     """Read a sample's image and spots; count and report spots outside the image.
+
+    ``encode``: optional gene name -> int code function (``GeneEmbedding.encode``); the
+    codes of the spots inside the image are then kept.
 
     Spots outside the image (x < 0, y < 0, x ≥ W or y ≥ H) or with invalid
     coordinates are left out of the heatmap, with a warning naming the file; a table
@@ -176,9 +180,10 @@ def load_slide(
             sample.image.name,
             n_invalid,
         )
+    codes = None if encode is None else np.asarray(encode(table["gene"].to_numpy()))[inside]
     return SlideInputs(
         sample, image, rows.astype(np.int32), cols.astype(np.int32),
-        table if keep_table else None, n, n_outside, n_invalid,
+        table if keep_table else None, n, n_outside, n_invalid, codes,
     )
 
 
@@ -214,22 +219,6 @@ def write_label_outputs(
         written.append(write_label(save_dir / f"label_{name}.mat", labels))
     written.append(write_image(save_dir / f"label_plt_{name}.jpg", label_figure(labels, image)))
     return written
-
-
-def write_tiled_tiff(
-    path: Path, tiles: Iterable[np.ndarray], shape: tuple[int, int], tile: int = HEATMAP_TILE
-) -> Path:
-    """Stream uint8 ``tile``×``tile`` tiles (row-major) into a compressed tiled TIFF."""
-    with atomic_path(path) as tmp:
-        tifffile.imwrite(
-            tmp,
-            data=iter(tiles),
-            shape=tuple(shape),
-            dtype=np.uint8,
-            tile=(tile, tile),
-            compression="zlib",
-        )
-    return path
 
 
 def window_heatmap_writer(folder: Path):

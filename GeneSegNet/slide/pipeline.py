@@ -17,20 +17,24 @@ import numpy as np
 from torch import nn
 
 import GeneSegNet
+from GeneSegNet.data.model_input import ModelInput, model_input_from_meta
+from GeneSegNet.data.transcripts import slide_density_scale
 from GeneSegNet.errors import InputError
+from GeneSegNet.export.sample import SampleOutput, check_export_settings, write_sample_outputs
 from GeneSegNet.io import atomic_path
+from GeneSegNet.io.images import write_tiled_tiff
 from GeneSegNet.io.layout import channels_for
-from GeneSegNet.mapping import write_mapping
+from GeneSegNet.io.metadata import metadata_path, resolve_pixel_size
 from GeneSegNet.slide.blockwise import reconstruct_blockwise, upstream_label_opening
 from GeneSegNet.slide.files import (
+    HEATMAP_TILE,
     SlideSample,
     load_slide,
     window_heatmap_writer,
     write_label_outputs,
-    write_tiled_tiff,
 )
 from GeneSegNet.slide.plan import SlideConfig, plan_windows
-from GeneSegNet.slide.windows import SpotIndex, heatmap_tiles, predict_slide
+from GeneSegNet.slide.windows import SlideTranscripts, SpotIndex, heatmap_tiles, predict_slide
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,11 @@ class SlideRunConfig:
     out_of_bounds : "background" or "drop", for spots outside the image (mapping).
     write_heatmap : write the heatmap (one tiled TIFF, or per window when window-local).
     upstream_opening : upstream's grey-level 5×5 opening of the label image.
+    pixel_size_um : µm/px of every slide (``--pixel_size``); must agree with a slide's
+        metadata file ``<metadata_dir>/metadata/<sample>.json`` when both exist.
+    metadata_dir : the folder holding ``metadata/`` (the inference ``--root_dir``).
+    outputs : result formats written with ``mapping`` (:data:`GeneSegNet.export.OUTPUT_KINDS`;
+        default upstream's csv), into ``save_dir/mapping`` (:mod:`GeneSegNet.export.sample`).
     """
 
     slide: SlideConfig = field(default_factory=SlideConfig)
@@ -57,6 +66,9 @@ class SlideRunConfig:
     out_of_bounds: str = "background"
     write_heatmap: bool = True
     upstream_opening: bool = False
+    pixel_size_um: float | None = None
+    metadata_dir: Path | None = None
+    outputs: tuple[str, ...] = ("csv",)
 
 
 def block_halo(cfg: SlideRunConfig, diameter: float) -> int:
@@ -75,8 +87,13 @@ def segment_slide(
     device,
     progress: bool = False,
     heatmap_sink=None,
+    transcripts: SlideTranscripts | None = None,
+    cellprob_sink=None,
 ) -> np.ndarray:
     """Label image [H, W] int32 of one whole image (window pass, then block-wise masks).
+
+    ``cellprob_sink``, if given, is called with the [H, W] cell-probability logits before
+    the canvases are released (e.g. to keep them for the transcript confidence columns).
 
     Only the blended canvases (:func:`GeneSegNet.slide.windows.predict_slide`) and the label
     image grow with the image; the canvases are released before returning.
@@ -91,6 +108,7 @@ def segment_slide(
         device=device,
         progress=progress,
         heatmap_sink=heatmap_sink,
+        transcripts=transcripts,
     )
     ev = cfg.slide.evaluation
     labels = reconstruct_blockwise(
@@ -103,13 +121,42 @@ def segment_slide(
         flow_threshold=ev.flow_threshold,
         min_size=ev.min_size,
         y_only_movers=ev.y_only_movers,
+        target_mode=ev.flow_target_mode,
         device=device,
         progress=progress,
     )
+    if cellprob_sink is not None:
+        cellprob_sink(result.cellprob)
     del result
     if cfg.upstream_opening:
         upstream_label_opening(labels)
     return labels
+
+
+def slide_pixel_size(name: str, cfg: SlideRunConfig, model_input: ModelInput) -> float | None:
+    """The pixel size (µm/px) of slide ``name``: its metadata file and/or ``--pixel_size``
+    (they must agree); InputError naming both when the model's input needs one and
+    neither gives it."""
+    pixel = resolve_pixel_size(cfg.metadata_dir, name, cfg.pixel_size_um, "--pixel_size")
+    if pixel is None and model_input.transcripts.needs_slide_scale:
+        where = (metadata_path(cfg.metadata_dir, name) if cfg.metadata_dir is not None
+                 else f"metadata/{name}.json")
+        raise InputError(f"the model's {model_input.transcripts.mode} transcript input needs "
+                         f"the pixel size of {name!r} in µm/px: give --pixel_size or write "
+                         f"it to {where}", where)
+    return pixel
+
+
+def slide_transcripts(rows: np.ndarray, cols: np.ndarray, model_input: ModelInput,
+                      pixel_size_um: float | None) -> SlideTranscripts | None:
+    """How a slide's transcript channels are rendered (None in heatmap mode): the slide
+    scale is computed once, from every spot inside the image (as preprocessing does)."""
+    tcfg = model_input.transcripts
+    if not tcfg.needs_slide_scale:
+        return None
+    scale = slide_density_scale(rows, cols, pixel_size_um=pixel_size_um,
+                                sigma_um=tcfg.sigma_um)
+    return SlideTranscripts(tcfg, model_input.embedding, pixel_size_um, scale)
 
 
 def _write_config(path: Path, cfg: SlideRunConfig, extra: dict[str, Any]) -> None:
@@ -135,12 +182,24 @@ def run_slides(
     the images, window settings) before the first image is segmented; problems raise
     InputError naming the file. Returns (sample name, number of cells) per sample.
     """
+    model_input = model_input_from_meta(meta)
+    ev = cfg.slide.evaluation
+    if (ev.transcript_mode, ev.n_transcripts) != (model_input.transcripts.mode,
+                                                  model_input.n_transcripts):
+        raise InputError(f"settings take {ev.n_transcripts} {ev.transcript_mode} transcript "
+                         f"channel(s) but the model {model_input.n_transcripts} "
+                         f"{model_input.transcripts.mode} channel(s)")
     try:
-        image_mode = channels_for(net.config.nchan)
+        image_mode = channels_for(net.config.nchan - model_input.n_transcripts + 1)
     except ValueError as exc:
         raise InputError(f"unsupported model: {exc}") from None
     diams = {"diam_mean": meta["diam_mean"], "diam_labels": meta["diam_labels"]}
-    load = {"image_mode": image_mode, "spot_scale": cfg.spot_scale, "keep_table": cfg.mapping}
+    encode = None if model_input.embedding is None else model_input.embedding.encode
+    load = {"image_mode": image_mode, "spot_scale": cfg.spot_scale, "keep_table": cfg.mapping,
+            "encode": encode}
+    pixel_sizes = {s.name: slide_pixel_size(s.name, cfg, model_input) for s in samples}
+    if cfg.mapping:
+        check_export_settings(cfg.outputs, pixel_sizes)
     first = None
     for sample in reversed(samples):  # check every input; keep the first sample loaded
         first = load_slide(sample, **load)
@@ -162,20 +221,23 @@ def run_slides(
             },
         )
     done = []
+    kept: list[np.ndarray] = []  # the current slide's cell-probability logits (mapping)
     for i, sample in enumerate(samples):
         inputs = first if i == 0 else load_slide(sample, **load)
         first = None
         start = time.perf_counter()
         shape = inputs.image.shape[:2]
-        index = SpotIndex(inputs.rows, inputs.cols, shape)
+        index = SpotIndex(inputs.rows, inputs.cols, shape, codes=inputs.codes)
+        transcripts = slide_transcripts(inputs.rows, inputs.cols, model_input,
+                                        pixel_sizes[sample.name])
         sink = None
         if cfg.write_heatmap and cfg.slide.window_local:
             sink = window_heatmap_writer(save_dir / "HeatMap" / sample.name)
         elif cfg.write_heatmap:
             write_tiled_tiff(
                 save_dir / "HeatMap" / f"{sample.name}_gaumap.tif",
-                heatmap_tiles(index, cfg.slide.sigma),
-                shape,
+                heatmap_tiles(index, cfg.slide.sigma, tile=HEATMAP_TILE),
+                shape, np.uint8, HEATMAP_TILE,
             )
         labels = segment_slide(
             net,
@@ -186,11 +248,18 @@ def run_slides(
             device=device,
             progress=progress,
             heatmap_sink=sink,
+            transcripts=transcripts,
+            cellprob_sink=(lambda a: kept.append(np.array(a)))
+            if cfg.mapping and inputs.table is not None else None,
         )
         write_label_outputs(save_dir, sample.name, labels, inputs.image)
         if cfg.mapping and inputs.table is not None:
-            write_mapping(save_dir / "mapping", sample.name, labels, inputs.table,
-                          cfg.out_of_bounds, source=sample.spots)
+            export = SampleOutput(labels, inputs.image, pixel_sizes[sample.name],
+                                  kept.pop() if kept else None,
+                                  settings={"sample": sample.name, **asdict(cfg)})
+            write_sample_outputs(export, inputs.table, save_dir / "mapping", sample.name,
+                                 cfg.outputs, out_of_bounds=cfg.out_of_bounds)
+            del export
         seconds = time.perf_counter() - start
         n_cells = int(labels.max(initial=0))
         logger.info(

@@ -40,7 +40,15 @@ import numpy as np
 from torch import nn
 from tqdm import tqdm
 
+from GeneSegNet.data.gene_embedding import GeneEmbedding
 from GeneSegNet.data.heatmap import cutoff_radius, heatmap_to_uint8, render_heatmap
+from GeneSegNet.data.normalize import apply_levels, local_levels
+from GeneSegNet.data.transcripts import (
+    TranscriptInput,
+    kernel_radius,
+    sigma_in_px,
+    transcript_channels,
+)
 from GeneSegNet.data.transforms import resize_image
 from GeneSegNet.model.predict import forward_tiles, prepare_input, run_network
 from GeneSegNet.model.tiling import TiledAccumulator, taper_mask
@@ -76,13 +84,18 @@ class SpotIndex:
         :func:`GeneSegNet.io.spots.spot_pixels` (the rule the transcript mapping uses).
     shape : (H, W) of the image.
     bin_size : edge of the square bins in pixels.
+    codes : optional int gene codes [N] aligned with the spots (``GeneEmbedding.encode``,
+        -1 = unknown gene), returned by :meth:`query_codes`; None: all -1.
     """
 
     def __init__(
-        self, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], bin_size: int = 256
+        self, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int], bin_size: int = 256,
+        codes: np.ndarray | None = None,
     ) -> None:
         rows = np.asarray(rows)
         cols = np.asarray(cols)
+        if codes is not None and np.asarray(codes).shape != rows.shape:
+            raise ValueError(f"codes of shape {np.shape(codes)} do not match {rows.shape} spots")
         height, width = int(shape[0]), int(shape[1])
         if rows.size and (
             rows.min() < 0 or cols.min() < 0 or rows.max() >= height or cols.max() >= width
@@ -98,27 +111,76 @@ class SpotIndex:
         key = key[order]
         self.rows = rows[order].astype(np.int32)
         self.cols = cols[order].astype(np.int32)
+        self.codes = (np.full(rows.shape, -1, np.int32) if codes is None
+                      else np.asarray(codes)[order].astype(np.int32))
         del order
         self.offsets = np.searchsorted(key, np.arange(n_bins + 1))
 
     def __len__(self) -> int:
         return int(self.rows.size)
 
-    def query(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, cols) int32 of the spots with ``r0 <= row < r1`` and ``c0 <= col < c1``."""
+    def _query_index(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Indices (into the sorted spots) of those with ``r0 <= row < r1``, ``c0 <= col < c1``."""
         height, width = self.shape
         lo_r, hi_r, lo_c, hi_c = max(r0, 0), min(r1, height), max(c0, 0), min(c1, width)
         if hi_r <= lo_r or hi_c <= lo_c or not len(self):
-            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+            return np.zeros(0, np.int64)
         first_col, last_col = lo_c // self.bin, (hi_c - 1) // self.bin
         pieces = []
         for bin_row in range(lo_r // self.bin, (hi_r - 1) // self.bin + 1):
             base = bin_row * self.n_bin_cols
-            pieces.append(slice(self.offsets[base + first_col], self.offsets[base + last_col + 1]))
-        rows = np.concatenate([self.rows[s] for s in pieces])
-        cols = np.concatenate([self.cols[s] for s in pieces])
-        keep = (rows >= lo_r) & (rows < hi_r) & (cols >= lo_c) & (cols < hi_c)
-        return rows[keep], cols[keep]
+            pieces.append(np.arange(self.offsets[base + first_col],
+                                    self.offsets[base + last_col + 1]))
+        idx = np.concatenate(pieces)
+        rows, cols = self.rows[idx], self.cols[idx]
+        return idx[(rows >= lo_r) & (rows < hi_r) & (cols >= lo_c) & (cols < hi_c)]
+
+    def query(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) int32 of the spots with ``r0 <= row < r1`` and ``c0 <= col < c1``."""
+        idx = self._query_index(r0, r1, c0, c1)
+        return self.rows[idx], self.cols[idx]
+
+    def query_codes(self, r0: int, r1: int, c0: int, c1: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, gene codes) int32 of the spots of :meth:`query`."""
+        idx = self._query_index(r0, r1, c0, c1)
+        return self.rows[idx], self.cols[idx], self.codes[idx]
+
+
+@dataclass(frozen=True)
+class SlideTranscripts:
+    """What renders a slide's density-mode transcript channels.
+
+    cfg : the model's transcript input; embedding : its gene embedding (gene channels);
+    pixel_size_um : the slide's µm/px; slide_scale : transcripts per µm², computed once
+    from the slide's whole spot table (:func:`GeneSegNet.data.transcripts.slide_density_scale`).
+    """
+
+    cfg: TranscriptInput
+    embedding: GeneEmbedding | None
+    pixel_size_um: float | None
+    slide_scale: float | None
+
+    @property
+    def radius(self) -> int:
+        """Kernel radius in px: spots this far outside a window still count."""
+        return kernel_radius(sigma_in_px(self.cfg.sigma_um, self.pixel_size_um))
+
+
+def window_transcripts(
+    index: SpotIndex, r0: int, c0: int, shape: tuple[int, int], st: SlideTranscripts,
+    local: bool = False,
+) -> np.ndarray:
+    """float32 [T, h, w] transcript channels of the window at (r0, c0), rendered by
+    :func:`GeneSegNet.data.transcripts.transcript_channels` as preprocessing renders a crop
+    at that origin. ``local=False``: spots up to the kernel radius outside the window
+    count; ``local=True``: only spots inside the window."""
+    pad = 0 if local else st.radius + 1
+    rows, cols, codes = index.query_codes(r0 - pad, r0 + shape[0] + pad, c0 - pad,
+                                          c0 + shape[1] + pad)
+    return transcript_channels(rows, cols, codes, shape, st.cfg,
+                               pixel_size_um=st.pixel_size_um, slide_scale=st.slide_scale,
+                               embedding=st.embedding, origin=(r0, c0))
 
 
 def window_heatmap(
@@ -200,16 +262,30 @@ def _raw_window(
 
 
 class _GlobalInputs:
-    """Network inputs of global mode: image-wide normalisation and heatmap."""
+    """Network inputs of global mode: image-wide normalisation (percentiles, or one local
+    level grid per channel) and image-wide transcript channels (heatmap or density)."""
 
-    def __init__(self, image: np.ndarray, index: SpotIndex, cfg: SlideConfig) -> None:
+    def __init__(self, image: np.ndarray, index: SpotIndex, cfg: SlideConfig,
+                 transcripts: SlideTranscripts | None = None) -> None:
         self.image, self.index, self.cfg = image, index, cfg
+        self.transcripts = transcripts
         ev = cfg.evaluation
-        self.image_pct = channel_percentiles(image, cfg.sample_pixels) if ev.normalize else None
+        self.levels = None
+        if ev.normalize and ev.image_norm == "local":
+            self.levels = [local_levels(image[:, :, c], ev.norm_scale_px)
+                           for c in range(image.shape[2])]
+        self.image_pct = None
+        if ev.normalize and self.levels is None:
+            self.image_pct = channel_percentiles(image, cfg.sample_pixels)
         self.heat_pct = None
-        if ev.heatmap_mode == "percentile":
+        if ev.heatmap_mode == "percentile" and ev.transcript_mode == "heatmap":
             self.heat_pct = self._heatmap_percentiles()
         logger.debug("image percentiles %s, heatmap percentiles %s", self.image_pct, self.heat_pct)
+
+    def _density(self) -> SlideTranscripts:
+        if self.transcripts is None:
+            raise ValueError("density transcript input needs the slide's SlideTranscripts")
+        return self.transcripts
 
     def _heatmap_percentiles(self) -> np.ndarray:
         """1/99 % of the 8-bit heatmap, pooled over up to 4×4 windows spread evenly."""
@@ -228,18 +304,27 @@ class _GlobalInputs:
         """Normalised input [C + 1, w, w] of the window at (r0, c0); zero outside the image."""
         window, ev = self.cfg.window, self.cfg.evaluation
         x, inside = _raw_window(self.image, r0, c0, window)
-        if self.image_pct is not None:
-            for c in range(x.shape[0]):
+        for c in range(x.shape[0]):
+            if self.levels is not None:
+                x[c] = apply_levels(x[c], self.levels[c], (r0, c0))
+            elif self.image_pct is not None:
                 x[c] = _apply_percentiles(x[c], *self.image_pct[c])
-                if ev.invert:
-                    x[c] = 1.0 - x[c]
-        heat = window_heatmap(self.index, r0, c0, (window, window), self.cfg.sigma)
-        heat = heat.astype(np.float32)
-        if self.heat_pct is not None:
-            heat = _apply_percentiles(heat, *self.heat_pct)
+            else:
+                continue
+            if ev.invert:
+                x[c] = 1.0 - x[c]
+        if ev.transcript_mode == "density":
+            trans = window_transcripts(self.index, r0, c0, (window, window),
+                                       self._density())
         else:
-            heat /= np.float32(255.0)
-        out = np.concatenate([x, heat[None]])
+            heat = window_heatmap(self.index, r0, c0, (window, window), self.cfg.sigma)
+            heat = heat.astype(np.float32)
+            if self.heat_pct is not None:
+                heat = _apply_percentiles(heat, *self.heat_pct)
+            else:
+                heat /= np.float32(255.0)
+            trans = heat[None]
+        out = np.concatenate([x, trans])
         if out[:, inside[0], inside[1]].shape[1:] != (window, window):  # zero the border
             keep = np.zeros((window, window), dtype=bool)
             keep[inside] = True
@@ -271,8 +356,8 @@ def _finalize(acc: TiledAccumulator, rows_per_step: int = 256) -> np.ndarray:
     return total
 
 
-def _stream_global(net, image, index, cfg, plan, acc, device, bar) -> None:
-    inputs = _GlobalInputs(image, index, cfg)
+def _stream_global(net, image, index, cfg, plan, acc, device, bar, transcripts) -> None:
+    inputs = _GlobalInputs(image, index, cfg, transcripts)
     weight = taper_mask(plan.window)
     size = cfg.evaluation.batch_size
     for first in range(0, len(plan.starts), size):
@@ -285,16 +370,25 @@ def _stream_global(net, image, index, cfg, plan, acc, device, bar) -> None:
         bar.update(len(corners))
 
 
-def _stream_window_local(net, image, index, cfg, plan, acc, device, bar, heatmap_sink) -> None:
+def _stream_window_local(
+    net, image, index, cfg, plan, acc, device, bar, heatmap_sink, transcripts
+) -> None:
     ev = replace(cfg.evaluation, resample=True)
     window = plan.window
     for k, (r0, c0) in enumerate(plan.starts):
         heat = window_heatmap(index, r0, c0, (window, window), cfg.sigma, local=True)
         if heatmap_sink is not None:
             heatmap_sink(k, heat)
-        raw = np.concatenate([_raw_window(image, r0, c0, window)[0], heat[None].astype(np.float32)])
+        if ev.transcript_mode == "density":
+            if transcripts is None:
+                raise ValueError("density transcript input needs the slide's SlideTranscripts")
+            trans = window_transcripts(index, r0, c0, (window, window), transcripts, local=True)
+        else:
+            trans = heat[None].astype(np.float32)
+        raw = np.concatenate([_raw_window(image, r0, c0, window)[0], trans])
         flows, cellprob, _ = run_network(
-            net, prepare_input(raw, ev), rescale=plan.rescale, cfg=ev, device=device
+            net, prepare_input(raw, ev, origin=(r0, c0)), rescale=plan.rescale, cfg=ev,
+            device=device,
         )
         acc.add(np.concatenate([flows, cellprob[None]]), r0, c0)
         bar.update(1)
@@ -311,6 +405,7 @@ def predict_slide(
     device,
     progress: bool = False,
     heatmap_sink: Callable[[int, np.ndarray], None] | None = None,
+    transcripts: SlideTranscripts | None = None,
 ) -> SlideField:
     """Network outputs over a whole image, blended from overlapping windows.
 
@@ -326,6 +421,8 @@ def predict_slide(
     progress : show a progress bar over windows.
     heatmap_sink : window-local mode only: called as ``sink(k, heatmap_uint8)`` for
         every window k (upstream wrote these maps to disk).
+    transcripts : density transcript input (``cfg.evaluation.transcript_mode ==
+        "density"``): how the slide's transcript channels are rendered.
 
     Returns
     -------
@@ -334,11 +431,12 @@ def predict_slide(
     img = _as_channels_last(image)
     height, width = img.shape[:2]
     config = getattr(net, "config", None)
-    nchan = int(getattr(config, "nchan", img.shape[2] + 1))
-    if img.shape[2] + 1 != nchan:
+    n_trans = cfg.evaluation.n_transcripts
+    nchan = int(getattr(config, "nchan", img.shape[2] + n_trans))
+    if img.shape[2] + n_trans != nchan:
         raise ValueError(
-            f"the network takes {nchan} channels ({nchan - 1} image + heatmap) but the "
-            f"image has {img.shape[2]}"
+            f"the network takes {nchan} channels ({nchan - n_trans} image + {n_trans} "
+            f"transcript) but the image has {img.shape[2]}"
         )
     if index.shape != (height, width):
         raise ValueError(f"spot index is for shape {index.shape}, image is {(height, width)}")
@@ -366,9 +464,11 @@ def predict_slide(
     try:
         with tqdm(total=len(plan.starts), desc="windows", unit="win", disable=not progress) as bar:
             if cfg.window_local:
-                _stream_window_local(net, img, index, cfg, plan, acc, device, bar, heatmap_sink)
+                _stream_window_local(
+                    net, img, index, cfg, plan, acc, device, bar, heatmap_sink, transcripts
+                )
             else:
-                _stream_global(net, img, index, cfg, plan, acc, device, bar)
+                _stream_global(net, img, index, cfg, plan, acc, device, bar, transcripts)
     finally:
         net.train(was_training)
     return SlideField(_finalize(acc), plan)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from GeneSegNet.data.dataset import Crop, network_input
-from GeneSegNet.data.transforms import normalize_channels
+from GeneSegNet.data.model_input import ModelInput
+from GeneSegNet.data.transforms import normalize_input
 from GeneSegNet.dynamics.flow_targets import FlowTargetCache, compute_flow_targets
 from GeneSegNet.dynamics.masks import diameters
 from GeneSegNet.errors import InputError
@@ -37,6 +38,14 @@ class TrainData:
     targets: list[np.ndarray]  # float32 [3,H,W] (binary, dY, dX)
     rescale: np.ndarray  # [n] float64
     diameters: np.ndarray  # [n] median label diameter per crop (pixels)
+    model_input: ModelInput = field(default_factory=ModelInput)  # how inputs are built
+
+    def network_input(self, i: int, heatmap_mode: str) -> np.ndarray:
+        """Normalised input [C, H, W] float32 of crop ``i`` (local normalisation anchored
+        at the crop's origin in its raw image)."""
+        crop, mi = self.crops[i], self.model_input
+        raw = network_input(crop, density=mi.transcripts.mode == "density")
+        return normalize_input(raw, mi.input_norm(heatmap_mode), origin=crop.origin)
 
 
 class PatchBatches(Dataset):
@@ -60,11 +69,8 @@ class PatchBatches(Dataset):
         tag, epoch, batch_no, idx = self.plan[k]
         rng = np.random.default_rng([self.seed, tag, epoch, batch_no])
         mode, tile = self.cfg.heatmap_mode, self.cfg.tile
-        crops, targets = self.data.crops, self.data.targets
-        images = [
-            normalize_channels(network_input(crops[i]), heatmap_channel=-1, heatmap_mode=mode)
-            for i in idx
-        ]
+        targets = self.data.targets
+        images = [self.data.network_input(i, mode) for i in idx]
         imgs, lbls, _ = random_rotate_and_resize(
             images,
             [targets[i] for i in idx],
@@ -97,13 +103,17 @@ def prepare_data(
     device: torch.device,
     cache: FlowTargetCache | None,
     progress: bool,
+    model_input: ModelInput | None = None,
 ) -> tuple[TrainData, int]:
-    """Flow targets, drop crops with < min_train_masks cells, per-crop rescale factors."""
+    """Flow targets, drop crops with < min_train_masks cells, per-crop rescale factors.
+
+    ``model_input``: how the network inputs are built (default: upstream's)."""
     for crop in crops:
         if crop.labels is None:
             raise InputError(f"{what} crop {crop.name} has no label image", crop.image_path)
     targets = compute_flow_targets(
-        [c.labels for c in crops], device=device, cache=cache, progress=progress
+        [c.labels for c in crops], device=device, cache=cache, progress=progress,
+        mode=cfg.flow_target_mode,
     )
     keep = [i for i, t in enumerate(targets) if int(t[0].max(initial=0)) >= cfg.min_train_masks]
     dropped = len(crops) - len(keep)
@@ -115,7 +125,8 @@ def prepare_data(
     rescale = (
         np.maximum(diam, MIN_RESCALE_DIAMETER) / diam_mean if cfg.rescale else np.ones(len(kept))
     )
-    data = TrainData(kept, [targets[i][1:] for i in keep], rescale, diam)
+    data = TrainData(kept, [targets[i][1:] for i in keep], rescale, diam,
+                     model_input or ModelInput())
     return data, dropped
 
 

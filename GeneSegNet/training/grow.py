@@ -70,6 +70,12 @@ class GrowParams:
     new_cell_min_transcripts: int = 5
     new_cell_diameter_um: float | None = None  # None: from the grown cells' median area
     merge_overlap_fraction: float = 0.2  # below this a previous cell counts as missed
+    # Trim the input cells to the transcript foreground before growing (for labels that
+    # are already whole cells, e.g. a model's predictions): each cell keeps its core (the
+    # pixels more than max_growth_um inside its boundary) and, connected to it, its
+    # foreground pixels; a cell without such a core is kept whole. So growth does not
+    # compound over rounds, and no cell vanishes.
+    trim_to_foreground: bool = False
 
     @property
     def distance_scale_um(self) -> float:
@@ -261,6 +267,28 @@ def _keep_connected(grown: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.where(keep[pieces], grown, 0)
 
 
+def trim_to_foreground(labels: np.ndarray, foreground: np.ndarray, core_depth_px: float
+                       ) -> np.ndarray:
+    """Cells (H, W) cut back to their core plus the connected foreground pixels.
+
+    The core of a cell is its pixels farther than ``core_depth_px`` from any pixel of
+    another id (background included); a cell without core pixels is returned whole.
+    """
+    boundary = np.zeros(labels.shape, dtype=bool)
+    boundary[:-1] |= labels[:-1] != labels[1:]
+    boundary[1:] |= labels[1:] != labels[:-1]
+    boundary[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    boundary[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    depth = ndimage.distance_transform_edt(~boundary)
+    core = (labels > 0) & (depth > core_depth_px)
+    has_core = np.zeros(int(labels.max()) + 1, dtype=bool)
+    has_core[labels[core]] = True
+    keep_whole = ~has_core[labels] & (labels > 0)
+    anchor = np.where(core | keep_whole, labels, 0)
+    trimmed = np.where(foreground | core | keep_whole, labels, 0)
+    return _keep_connected(trimmed, anchor)
+
+
 def _fill_small_holes(grown: np.ndarray, max_area_px: float) -> np.ndarray:
     """Fill enclosed background holes up to ``max_area_px`` with the nearest cell."""
     holes = ndimage.binary_fill_holes(grown > 0) & (grown == 0)
@@ -372,8 +400,9 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
     Returns
     -------
     ndarray (H, W), int32
-        Every input cell with its id and at least its input pixels, plus new cells
-        numbered after ``labels.max()``.
+        Every input cell with its id and at least its input pixels (with
+        ``params.trim_to_foreground``: at least its core, see :func:`trim_to_foreground`),
+        plus new cells numbered after ``labels.max()``.
     """
     labels = _check_labels(labels, "labels")
     if pixel_size_um <= 0:
@@ -388,6 +417,8 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
     levels = estimate_levels(labels, rows_px, cols_px, pixel_size_um=pixel_size_um,
                              params=params)
     foreground = levels.density_per_um2 > levels.threshold_per_um2
+    if params.trim_to_foreground:
+        labels = trim_to_foreground(labels, foreground, params.max_growth_um / pixel_size_um)
     counts = _counts(rows, cols, labels.shape)
     n_ids = int(labels.max()) + 1
     n_genes = int(genes.max()) + 1 if genes.size else 1

@@ -36,6 +36,8 @@ from torch import nn
 from tqdm import tqdm
 
 from GeneSegNet.data.dataset import Crop, network_input
+from GeneSegNet.data.model_input import CHECKPOINT_KEY as MODEL_INPUT_KEY
+from GeneSegNet.data.model_input import ModelInput
 from GeneSegNet.device import as_device
 from GeneSegNet.dynamics.flow_targets import FlowTargetCache
 from GeneSegNet.errors import InputError
@@ -313,13 +315,17 @@ class _Run:
                 self.save(epoch, "epoch")
 
 
-def _check_inputs(crops: Sequence[Crop], net_config: NetConfig, cfg: TrainConfig) -> None:
+def _check_inputs(crops: Sequence[Crop], net_config: NetConfig, cfg: TrainConfig,
+                  model_input: ModelInput) -> None:
     if cfg.tile % net_config.size_multiple:
         raise InputError(f"tile {cfg.tile} must be a multiple of {net_config.size_multiple}")
+    density = model_input.transcripts.mode == "density"
     for crop in crops:
-        nchan = network_input(crop).shape[0]
+        nchan = network_input(crop, density=density).shape[0]
         if nchan != net_config.nchan:
-            msg = f"{nchan} input channels but the network takes {net_config.nchan} (--chan)"
+            msg = (f"{nchan} input channels but the network takes {net_config.nchan} "
+                   f"(--chan and {model_input.n_transcripts} {model_input.transcripts.mode} "
+                   "transcript channel(s))")
             raise InputError(f"crop {crop.name}: {msg}", crop.image_path)
 
 
@@ -355,6 +361,7 @@ def train_network(
     flow_cache: FlowTargetCache | None = None,
     progress: bool = False,
     checkpoint_extra: dict[str, Any] | None = None,
+    model_input: ModelInput | None = None,
 ) -> TrainResult:
     """Train a network on labelled crops; write ``_last`` / ``_best`` checkpoints.
 
@@ -372,6 +379,9 @@ def train_network(
         epoch with the saved optimizer state, history and file names.
     flow_cache : content-keyed cache of flow targets.
     checkpoint_extra : plain-typed entries added to every checkpoint (e.g. the round).
+    model_input : transcript input, gene embedding, training pixel size and image
+        normalisation of the inputs (default: upstream's heatmap + percentile); stored in
+        every checkpoint under :data:`GeneSegNet.data.model_input.CHECKPOINT_KEY`.
 
     Raises
     ------
@@ -380,13 +390,14 @@ def train_network(
     """
     cfg, device = train_config, as_device(device)
     model_dir = Path(model_dir)
-    _check_inputs(list(train_crops) + list(val_crops or []), net_config, cfg)
+    model_input = model_input or ModelInput()
+    _check_inputs(list(train_crops) + list(val_crops or []), net_config, cfg, model_input)
     if pretrained is not None and resume is not None:
         raise InputError("give either a pretrained model or a checkpoint to resume, not both")
     net, saved = _initial_network(net_config, cfg, device, pretrained, resume)
     if saved is not None:
         model_name = str(saved.get("model_name", model_name))
-    prep = (cfg, net_config.diam_mean, device, flow_cache, progress)
+    prep = (cfg, net_config.diam_mean, device, flow_cache, progress, model_input)
     train, dropped_train = prepare_data(train_crops, "train", *prep)
     if not train.crops:
         msg = f"no training crop has at least {cfg.min_train_masks} cell(s) "
@@ -406,7 +417,8 @@ def train_network(
         net.diam_labels.fill_(diam_labels)
     net.to(device).train()
     data_key = data_fingerprint(train.crops)
-    extra = {**(checkpoint_extra or {}), "data_key": data_key, "n_train": len(train.crops)}
+    extra = {**(checkpoint_extra or {}), "data_key": data_key, "n_train": len(train.crops),
+             MODEL_INPUT_KEY: model_input.to_dict()}
     run = _Run(net, cfg, device, model_dir, model_name, extra)
     start = 0
     if saved is not None:

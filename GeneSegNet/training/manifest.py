@@ -3,8 +3,9 @@
 :class:`RunManifest` holds the run's identity, its settings (:class:`RunSettings`) and one
 :class:`RoundRecord` per finished round; ``to_dict()`` gives the JSON written after every
 round (keys: ``run_id``, ``version``, ``started``, ``status``, ``config``, ``rounds``, and
-``resumed`` / ``finished`` when they apply). A resumed run reads its manifest back with
-:meth:`RunManifest.load`.
+``start_labels`` / ``resumed`` / ``finished`` when they apply; ``config.grow_params`` holds
+the growth constants, :meth:`GeneSegNet.training.grow.GrowParams.to_dict`). A resumed run
+reads its manifest back with :meth:`RunManifest.load`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class RunSettings:
     def to_dict(self) -> dict[str, Any]:
         return {
             "recursive": asdict(self.recursive),
+            "grow_params": self.recursive.grow.to_dict(),
             "net": self.net.to_dict(),
             "train": self.train.to_dict(),
             "eval": asdict(self.eval),
@@ -94,19 +96,51 @@ class EvaluationRecord:
 
 
 @dataclass
+class LabelSetStats:
+    """Summary of one dataset's labels (train or val), pooled over its crops.
+
+    ``median_area``: median cell area in ``area_unit`` (``"um2"`` when every crop's pixel
+    size is known, else ``"px2"``; NaN without cells); ``fraction_transcripts_in_cells``:
+    in-crop spots inside cells over all in-crop spots (NaN without spots).
+    """
+
+    n_crops: int
+    n_cells: int
+    median_area: float
+    area_unit: str
+    fraction_transcripts_in_cells: float
+    n_transcripts: int
+
+
+@dataclass
 class RelabelRecord:
-    """Refined labels written for one dataset (train or val) after a round."""
+    """Refined labels written for one dataset (train or val) after a round (or, as
+    round 0, the grown starting labels). ``method``: the relabelling used; ``stats``: of
+    the written labels; ``merge``: summed counts of
+    :func:`GeneSegNet.training.grow.merge_with_previous` (``kept``, ``added_back``,
+    ``dropped``) for method ``"grow"`` after a round, else None."""
 
     n_crops: int
     n_cells: int
     folders: list[Path | str] = field(default_factory=list)
+    method: str | None = None
+    stats: LabelSetStats | None = None
+    merge: dict[str, int] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RelabelRecord:
+        d = _known(cls, d)
+        if d.get("stats") is not None:
+            d["stats"] = LabelSetStats(**_known(LabelSetStats, d["stats"]))
+        return cls(**d)
 
 
 @dataclass
 class RoundRecord:
     """One finished round: its data, models, test pass and relabelling.
 
-    ``label_folders``/``n_crops``/``relabelled`` are keyed by dataset (``train``, ``val``).
+    ``label_folders``/``n_crops``/``relabelled``/``input_labels`` are keyed by dataset
+    (``train``, ``val``); ``input_labels``: stats of the labels the round trained on.
     """
 
     round: int
@@ -123,6 +157,7 @@ class RoundRecord:
     training: TrainingSummary
     test: EvaluationRecord | None = None
     relabelled: dict[str, RelabelRecord] | None = None
+    input_labels: dict[str, LabelSetStats] | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,8 +170,10 @@ class RoundRecord:
         if d.get("test") is not None:
             d["test"] = EvaluationRecord(**_known(EvaluationRecord, d["test"]))
         if d.get("relabelled") is not None:
-            d["relabelled"] = {
-                k: RelabelRecord(**_known(RelabelRecord, v)) for k, v in d["relabelled"].items()
+            d["relabelled"] = {k: RelabelRecord.from_dict(v) for k, v in d["relabelled"].items()}
+        if d.get("input_labels") is not None:
+            d["input_labels"] = {
+                k: LabelSetStats(**_known(LabelSetStats, v)) for k, v in d["input_labels"].items()
             }
         return cls(**d)
 
@@ -153,6 +190,7 @@ class RunManifest:
     rounds: list[RoundRecord] = field(default_factory=list)
     resumed: list[dict[str, Any]] = field(default_factory=list)
     finished: str | None = None
+    start_labels: dict[str, RelabelRecord] | None = None  # round 0: grown starting labels
 
     @staticmethod
     def file_name_for(run_id: str) -> str:
@@ -171,6 +209,10 @@ class RunManifest:
     def load(cls, path: Path) -> RunManifest:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
         d["rounds"] = [RoundRecord.from_dict(r) for r in d.get("rounds", [])]
+        if d.get("start_labels") is not None:
+            d["start_labels"] = {
+                k: RelabelRecord.from_dict(v) for k, v in d["start_labels"].items()
+            }
         return cls(**_known(cls, d))
 
     def resume(self, settings: RunSettings, checkpoint: Path, round_index: int) -> None:
@@ -199,6 +241,8 @@ class RunManifest:
             "config": self.config,
             "rounds": [r.to_dict() for r in self.rounds],
         }
+        if self.start_labels is not None:
+            out["start_labels"] = {k: asdict(v) for k, v in self.start_labels.items()}
         if self.resumed:
             out["resumed"] = self.resumed
         if self.finished is not None:

@@ -10,7 +10,13 @@ For round N = 1 .. ``recursive_num``:
    data are never relabelled, so the metrics of every round measure the same thing);
 4. unless N is the last round (spec §12 item 30; ``relabel_last_round`` keeps upstream's
    wasted last pass), relabel the TRAIN and VALIDATION crops
-   (:mod:`GeneSegNet.training.relabel`, which also guards existing label folders).
+   (:mod:`GeneSegNet.training.relabel`, which also guards existing label folders); a
+   relabelling that loses more than ``max_cell_loss`` of the round's cells logs a WARNING.
+
+``refine_method`` ``"auto"`` is resolved first (``"grow"`` when every train/validation
+crop has spots and a pixel size). With ``"grow"`` and ``grow_start_labels``, the starting
+labels are grown before round 1 and written as round 0's refined labels, which round 1
+trains on (``labels/`` is never modified; the manifest's ``start_labels``).
 
 A JSON manifest ``<save_model_dir>/run_<stamp>.json`` (:mod:`GeneSegNet.training.manifest`)
 is rewritten atomically after every round: configuration, and per round the models,
@@ -30,7 +36,13 @@ from typing import Any
 
 import torch
 
-from GeneSegNet.data.dataset import load_dataset, sample_folders
+from GeneSegNet.data.dataset import Crop, load_dataset, sample_folders
+from GeneSegNet.data.model_input import (
+    DEFAULT_TRAIN_IMAGE_NORM,
+    ModelInput,
+    image_channels_for,
+    training_model_input,
+)
 from GeneSegNet.dynamics.flow_targets import FlowTargetCache
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.test_pass import OutputOptions, evaluate_dataset, format_metrics
@@ -38,7 +50,7 @@ from GeneSegNet.io.layout import label_folder_for_round
 from GeneSegNet.model.checkpoint import load_checkpoint
 from GeneSegNet.model.net import NetConfig
 from GeneSegNet.model.predict import EvalConfig
-from GeneSegNet.training.config import RecursiveConfig, TrainConfig
+from GeneSegNet.training.config import AUTO_METHOD, GROW_METHOD, RecursiveConfig, TrainConfig
 from GeneSegNet.training.loop import model_name_for, pretrained_weights, train_network
 from GeneSegNet.training.manifest import (
     EvaluationRecord,
@@ -47,7 +59,14 @@ from GeneSegNet.training.manifest import (
     RunSettings,
     TrainingSummary,
 )
-from GeneSegNet.training.relabel import check_refined_folders, relabel_dataset
+from GeneSegNet.training.relabel import (
+    check_refined_folders,
+    grow_start_labels,
+    relabel_dataset,
+    resolve_refine_method,
+    summarise_labels,
+    warn_cell_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +85,20 @@ def _resume_info(resume: Path | None, nchan: int) -> dict[str, Any]:
         return {}
     _, meta = load_checkpoint(resume, device="cpu", expect_nchan=nchan)
     return meta["extra"]
+
+
+def _label_round(rc: RecursiveConfig, n: int) -> int:
+    """Round whose label folder round ``n`` reads: round 1 reads round 0's refined labels
+    (the grown starting labels) like round 2 reads round 1's."""
+    return 2 if n == 1 and rc.grows_start_labels() else n
+
+
+def _load_sets(rc: RecursiveConfig, n: int) -> dict[str, list[Crop]]:
+    """Train (and validation) crops with the labels of round ``n``."""
+    kwargs = {"round_index": _label_round(rc, n), "refined_name": rc.refined_name,
+              **rc.load_kwargs()}  # fmt: skip
+    sets = {"train": rc.train_dir, "val": rc.val_dir}
+    return {k: load_dataset(d, **kwargs) for k, d in sets.items() if d is not None}
 
 
 def _open_manifest(
@@ -91,6 +124,7 @@ def run_recursive_training(
     flow_cache_dir: Path | None = None,
     progress: bool = False,
     run_info: dict[str, Any] | None = None,
+    image_norm: str = DEFAULT_TRAIN_IMAGE_NORM,
 ) -> RunManifest:
     """Run the recursive train -> test -> relabel loop; return the manifest (module doc).
 
@@ -101,12 +135,21 @@ def run_recursive_training(
     folder for content-keyed flow targets (None: computed in memory). ``eval_config``:
     settings of the test passes and of the relabelling predictions (give it the
     training heatmap scaling, see :func:`GeneSegNet.cli.args.eval_config_from_args`).
+    ``image_norm``: image normalisation of the model (``--image_norm``, "local" or
+    "percentile"). The transcript input (``sample.json`` of the sample folders) and the
+    image channels of ``rc.chan`` set ``net_config.nchan``; the test passes and the
+    relabelling use the same input (``eval_config``'s input fields are replaced).
 
     Raises
     ------
     InputError : bad folders or files, unusable checkpoints, refined-label folders this
         run may not replace; raised before anything is written where it can be checked.
     """
+    model_input = training_model_input([rc.train_dir, rc.val_dir, rc.test_dir],
+                                       image_norm=image_norm, diam_mean=net_config.diam_mean)
+    net_config = replace(net_config,
+                         nchan=image_channels_for(rc.chan) + model_input.n_transcripts)
+    eval_config = replace(eval_config, **model_input.eval_fields())
     saved = _resume_info(Path(resume), net_config.nchan) if resume is not None else {}
     run_id = str(saved.get("run_id") or datetime.now().strftime("%Y_%m_%d_%H_%M_%S.%f"))
     first = int(saved.get("round", 1))
@@ -119,7 +162,11 @@ def run_recursive_training(
             sample_folders(root)
     if pretrained is not None:
         pretrained_weights(pretrained, net_config)
-    if rc.relabels_any_round():
+    start_crops: dict[str, list[Crop]] = {}
+    if rc.refine_method in (AUTO_METHOD, GROW_METHOD):
+        start_crops = _load_sets(replace(rc, grow_start_labels=False), 1)  # labels/
+        rc = resolve_refine_method(rc, [c for v in start_crops.values() for c in v])
+    if rc.writes_refined_labels():
         check_refined_folders(rc, run_id, first)
     settings = RunSettings(
         recursive=rc,
@@ -132,6 +179,12 @@ def run_recursive_training(
     )
     manifest = _open_manifest(manifest_path, run_id, settings, resume, first)
     cache = FlowTargetCache(flow_cache_dir, device=device) if flow_cache_dir else None
+    if first == 1 and rc.grows_start_labels():
+        manifest.start_labels = {
+            k: grow_start_labels(v, rc, run_id) for k, v in start_crops.items()
+        }
+        manifest.write(save_dir)
+    del start_crops
     previous = manifest.rounds[-1].model_used if manifest.rounds else None
     logger.info(
         "run %s: rounds %d..%d; manifest %s", run_id, first, rc.recursive_num, manifest_path
@@ -151,6 +204,7 @@ def run_recursive_training(
             resume=resume if n == first else None,
             cache=cache,
             progress=progress,
+            model_input=model_input,
         )
         previous = record.model_used
         manifest.rounds.append(record)
@@ -182,13 +236,16 @@ def _run_round(
     resume: Path | None,
     cache: FlowTargetCache | None,
     progress: bool,
+    model_input: ModelInput | None = None,
 ) -> RoundRecord:
     tic = time.perf_counter()
-    kwargs = {"round_index": n, "refined_name": rc.refined_name, **rc.load_kwargs()}
     sets = {"train": rc.train_dir, "val": rc.val_dir}
-    crops = {k: load_dataset(d, **kwargs) for k, d in sets.items() if d is not None}
+    crops = _load_sets(rc, n)
+    label_round = _label_round(rc, n)
     folders = {
-        k: sorted({label_folder_for_round(f, n, rc.refined_name) for f in sample_folders(d)})
+        k: sorted(
+            {label_folder_for_round(f, label_round, rc.refined_name) for f in sample_folders(d)}
+        )
         for k, d in sets.items()
         if d
     }
@@ -206,9 +263,10 @@ def _run_round(
         flow_cache=cache,
         progress=progress,
         checkpoint_extra={"round": n, "run_id": run_id, "manifest": str(manifest_path)},
+        model_input=model_input,
     )
     used = result.best_path if rc.select_model == "best" else result.last_path
-    net, meta = load_checkpoint(used, device=device, expect_nchan=rc.chan)
+    net, meta = load_checkpoint(used, device=device, expect_nchan=net_config.nchan)
     record = RoundRecord(
         round=n,
         label_folders=folders,
@@ -222,6 +280,7 @@ def _run_round(
         started_from=str(resume or start) if (resume or start) else None,
         diam_labels=result.diam_labels,
         training=TrainingSummary.from_result(result),
+        input_labels={k: summarise_labels(v, rc.pixel_size_um) for k, v in crops.items()},
     )
     if rc.test_dir is not None:
         run_dir = Path(rc.save_model_dir) / f"run_{run_id}"
@@ -234,6 +293,13 @@ def _run_round(
             )
             for k, v in crops.items()
         }
+        for k, relabelled in record.relabelled.items():
+            warn_cell_loss(
+                f"round {n} relabelling ({k}, {relabelled.method})",
+                record.input_labels[k].n_cells,
+                relabelled.n_cells,
+                rc.max_cell_loss,
+            )
     record.seconds = round(time.perf_counter() - tic, 2)
     return record
 

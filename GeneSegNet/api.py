@@ -1,0 +1,221 @@
+"""Python API: load a model, segment an image, assign transcripts, write outputs.
+
+Example (see README "Python API")::
+
+    import GeneSegNet as gsn
+
+    model = gsn.load_model("model.pt", device="cpu")
+    result = gsn.segment(model, dapi, spots, pixel_size_um=0.2125)
+    table = gsn.assign_transcripts(result.labels, spots, prob=result.cell_probability,
+                                   pixel_size_um=0.2125)
+    gsn.write_outputs(result, spots, "out", outputs=("csv", "h5ad", "geojson"))
+
+Coordinates: images are (H, W) = (rows, columns); spot tables have ``x`` (column) and
+``y`` (row) in pixels of the image and a ``gene`` column.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Model", "SegmentationResult", "assign_transcripts", "load_model", "segment",
+           "sopa_method", "write_outputs"]
+
+
+@dataclass
+class Model:
+    """A loaded network: ``net`` (eval mode, on ``device``) and the checkpoint's ``meta``
+    (``diam_mean``, ``diam_labels`` in px, ...)."""
+
+    net: Any
+    meta: dict
+    device: Any
+
+    @property
+    def n_image_channels(self) -> int:
+        """Image channels the network takes (its input channels minus the heatmap)."""
+        return int(self.net.config.nchan) - 1
+
+
+@dataclass
+class SegmentationResult:
+    """Segmentation of one image.
+
+    labels : (H, W) int32 cells 1..K (0 = background).
+    flows : (2, H, W) float32 network flows (dY, dX).
+    cell_logit : (H, W) float32 cell-probability logits.
+    image : the input image; pixel_size_um : µm per px or None; settings : run settings.
+    """
+
+    labels: np.ndarray
+    flows: np.ndarray
+    cell_logit: np.ndarray
+    image: np.ndarray | None = None
+    pixel_size_um: float | None = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def cell_probability(self) -> np.ndarray:
+        """(H, W) float32 sigmoid of :attr:`cell_logit`."""
+        return (1.0 / (1.0 + np.exp(-np.clip(self.cell_logit, -80, 80)))).astype(np.float32)
+
+
+def load_model(path: str | Path, device: str = "cpu") -> Model:
+    """Load a GeneSegNet checkpoint (or an upstream state dict) safely onto ``device``."""
+    from GeneSegNet.device import as_device
+    from GeneSegNet.model.checkpoint import load_checkpoint
+
+    dev = as_device(device)
+    net, meta = load_checkpoint(path, dev)
+    return Model(net, meta, dev)
+
+
+def _spot_index(spots: pd.DataFrame | None, shape: tuple[int, int]):
+    from GeneSegNet.io.spots import spot_pixels
+    from GeneSegNet.slide.windows import SpotIndex
+
+    if spots is None or not len(spots):
+        empty = np.zeros(0, np.int32)
+        return SpotIndex(empty, empty, shape)
+    rows, cols, inside = spot_pixels(spots["x"].to_numpy(np.float64),
+                                     spots["y"].to_numpy(np.float64), shape)
+    if (~inside).any():
+        logger.warning("%d of %d spots lie outside the %d×%d image; left out of the heatmap",
+                       int((~inside).sum()), len(inside), shape[1], shape[0])
+    return SpotIndex(rows.astype(np.int32), cols.astype(np.int32), shape)
+
+
+def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, *,
+            pixel_size_um: float | None = None, diameter: float = 0.0, window: int = 256,
+            block_size: int = 2048, halo: int | None = None, flow_threshold: float = 0.4,
+            cellprob_threshold: float = 0.0, min_size: int = 15, niter: int = 200,
+            batch_size: int = 8, progress: bool = False) -> SegmentationResult:
+    """Segment a whole image: window pass (:func:`GeneSegNet.slide.windows.predict_slide`)
+    then block-wise masks (:func:`GeneSegNet.slide.blockwise.reconstruct_blockwise`).
+
+    Parameters
+    ----------
+    model : from :func:`load_model`.
+    image : (H, W) grey (DAPI) or (H, W, C) with C = the model's image channels.
+    spots : table with x, y (px; x = column) and gene, or None (empty heatmap).
+    pixel_size_um : µm per px (kept with the result for the µm outputs).
+    diameter : expected cell diameter in px; 0 uses the model's ``diam_labels``.
+    window, block_size, halo : window edge, mask block edge and halo (px; None = two
+        cell diameters).
+    flow_threshold, cellprob_threshold, min_size, niter, batch_size : as the inference
+        script's options of the same names.
+    """
+    import math
+
+    from GeneSegNet.errors import InputError
+    from GeneSegNet.io.metadata import check_pixel_size
+    from GeneSegNet.model.predict import EvalConfig
+    from GeneSegNet.slide.blockwise import reconstruct_blockwise
+    from GeneSegNet.slide.plan import SlideConfig
+    from GeneSegNet.slide.windows import predict_slide
+
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    n_img = model.n_image_channels
+    if img.ndim not in (2, 3) or (img.ndim == 2 and n_img != 1) or (
+            img.ndim == 3 and img.shape[2] != n_img):
+        raise InputError(f"image of shape {img.shape} does not fit a model with {n_img} image "
+                         "channel(s) (expected (H, W) or (H, W, C))")
+    if pixel_size_um is not None:
+        pixel_size_um = check_pixel_size(pixel_size_um, "pixel_size_um")
+    shape = img.shape[:2]
+    ev = EvalConfig(diameter=diameter, flow_threshold=flow_threshold,
+                    confidence_threshold=cellprob_threshold, min_size=min_size, niter=niter,
+                    batch_size=batch_size)
+    cfg = SlideConfig(window=window, evaluation=ev, canvas_dtype="float32")
+    diams = {"diam_mean": float(model.meta["diam_mean"]),
+             "diam_labels": float(model.meta["diam_labels"])}
+    field_ = predict_slide(model.net, img, _spot_index(spots, shape), cfg, **diams,
+                           device=model.device, progress=progress)
+    halo_px = halo if halo is not None else int(math.ceil(2.0 * field_.plan.diameter))
+    labels = reconstruct_blockwise(
+        field_.flows, field_.cellprob, block_size=block_size, halo=halo_px, niter=niter,
+        confidence_threshold=cellprob_threshold, flow_threshold=flow_threshold,
+        min_size=min_size, y_only_movers=ev.y_only_movers, target_mode=ev.flow_target_mode,
+        device=model.device, progress=progress)
+    settings = {"diameter_px": field_.plan.diameter, "window": window, "block_size": block_size,
+                "halo": halo_px, "flow_threshold": flow_threshold,
+                "cellprob_threshold": cellprob_threshold, "min_size": min_size, "niter": niter,
+                **diams}
+    return SegmentationResult(labels, np.asarray(field_.flows, np.float32),
+                              np.asarray(field_.cellprob, np.float32), img, pixel_size_um,
+                              settings)
+
+
+def assign_transcripts(labels: np.ndarray, spots: pd.DataFrame, prob: np.ndarray | None = None,
+                       pixel_size_um: float | None = None) -> pd.DataFrame:
+    """Per transcript, in the input order: ``cell_id``, ``spotX``, ``spotY``, ``gene``, then
+    ``cell_probability`` (with ``prob``, an (H, W) map in [0, 1]), ``boundary_distance_um``
+    (``_px`` without a pixel size) and ``nearest_cell_id``
+    (:mod:`GeneSegNet.export.confidence`)."""
+    from GeneSegNet.export.confidence import transcript_confidence
+    from GeneSegNet.mapping import lookup_cell_ids
+
+    labels = np.asarray(labels)
+    x = spots["x"].to_numpy(np.float64)
+    y = spots["y"].to_numpy(np.float64)
+    cell_ids, _, _ = lookup_cell_ids(labels, x, y)
+    table = pd.DataFrame({"cell_id": cell_ids, "spotX": x, "spotY": y,
+                          "gene": spots["gene"].to_numpy()})
+    extra = transcript_confidence(labels, x, y, cell_prob=prob, pixel_size_um=pixel_size_um)
+    return pd.concat([table, extra], axis=1)
+
+
+def write_outputs(result: SegmentationResult, spots: pd.DataFrame | None, out_dir: str | Path,
+                  outputs: Iterable[str] | str = ("csv", "h5ad", "geojson"), *,
+                  name: str = "sample", nuclei: np.ndarray | None = None
+                  ) -> dict[str, list[Path]]:
+    """Write ``outputs`` (any of :data:`GeneSegNet.export.OUTPUT_KINDS`) of ``result`` into
+    ``out_dir``; returns the written paths per kind (:mod:`GeneSegNet.export.sample`)."""
+    from GeneSegNet.export.sample import SampleOutput, write_sample_outputs
+
+    sample = SampleOutput(result.labels, result.image, result.pixel_size_um, result.cell_logit,
+                          nuclei, result.settings)
+    return write_sample_outputs(sample, spots, out_dir, name, outputs)
+
+
+def transcript_channel_spots(channel: np.ndarray) -> pd.DataFrame:
+    """Spots from a transcript-count image (Y, X): one spot per count at the pixel centre
+    (x, y) = (col + 0.5, row + 0.5); gene "unknown". Non-integer values are rounded."""
+    counts = np.rint(np.nan_to_num(np.asarray(channel, dtype=np.float64))).astype(np.int64)
+    counts = np.maximum(counts, 0)
+    rows, cols = np.nonzero(counts)
+    reps = counts[rows, cols]
+    return pd.DataFrame({"x": np.repeat(cols + 0.5, reps), "y": np.repeat(rows + 0.5, reps),
+                         "gene": "unknown"})
+
+
+def sopa_method(model: Model | str | Path, **segment_kwargs: Any
+                ) -> Callable[[np.ndarray], np.ndarray]:
+    """A sopa custom staining-based method: ``method(image) -> labels``.
+
+    The returned function takes an image (C, Y, X) whose last channel counts transcripts
+    per pixel (the other C - 1 channels are the model's image channels, e.g. DAPI) and
+    returns the (Y, X) int32 label image. ``segment_kwargs`` go to :func:`segment`.
+    """
+    loaded = model if isinstance(model, Model) else load_model(model)
+
+    def method(image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[0] < 2:
+            raise ValueError(f"expected an image (C, Y, X) with C >= 2, got {image.shape}")
+        stain = np.moveaxis(image[:-1], 0, -1)
+        spots = transcript_channel_spots(image[-1])
+        return segment(loaded, stain, spots, **segment_kwargs).labels
+
+    return method

@@ -1,0 +1,107 @@
+"""Write starting labels for a raw-layout sample: the vendor's nuclei rasterised onto the
+image grid (--bundle), or a classical nucleus segmentation of the DAPI image (--segment);
+optionally expanded by --expand_um µm."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
+from GeneSegNet.log import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--base_dir", type=Path, required=True, help="raw layout")
+    p.add_argument("--sample", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", type=Path, help="the vendor's output folder (its nuclei)")
+    src.add_argument("--segment", action="store_true",
+                     help="segment nuclei in images/<sample>.tif")
+    p.add_argument("--platform", choices=("xenium", "merscope", "cosmx"),
+                   help="with --bundle (default: the metadata's platform)")
+    p.add_argument("--level", type=int, default=None, help="default: as imported")
+    p.add_argument("--z", type=int, default=None, help="default: as imported")
+    p.add_argument("--fov", type=int, default=None, help="default: as imported")
+    p.add_argument("--diameter_um", type=float, default=8.0,
+                   help="--segment: typical nucleus diameter (µm)")
+    p.add_argument("--expand_um", type=float, default=0.0,
+                   help="grow each nucleus by this many µm (into background only)")
+    p.add_argument("--overwrite", action="store_true")
+    add_verbose_arg(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    def run() -> int:
+        import json
+
+        import tifffile
+
+        from GeneSegNet.data.nuclei import expand_labels_um, segment_nuclei
+        from GeneSegNet.errors import InputError
+        from GeneSegNet.io.images import write_label
+        from GeneSegNet.io.metadata import metadata_path, read_metadata
+        from GeneSegNet.io.vendors import NUCLEI_DIR, open_bundle, write_ids
+        from GeneSegNet.io.vendors.common import Staging
+
+        meta_file = metadata_path(args.base_dir, args.sample)
+        meta = read_metadata(meta_file)
+        extra = json.loads(meta_file.read_text(encoding="utf-8"))
+        image = args.base_dir / "images" / f"{args.sample}.tif"
+        if not image.is_file():
+            raise InputError("image not found", image)
+        with tifffile.TiffFile(image) as tif:
+            shape = tuple(tif.series[0].shape[-2:])
+        ids = None
+        if args.bundle is not None:
+            platform = args.platform or meta.platform
+            done = extra.get("import") or {}
+            opts = {"bundle": args.bundle,
+                    "level": done.get("level", 0) if args.level is None else args.level,
+                    "z": done.get("z") if args.z is None else args.z,
+                    "fov": done.get("fov") if args.fov is None else args.fov,
+                    "pixel_size": meta.pixel_size_um if platform == "cosmx" else None,
+                    "min_qv": None}
+            bundle = open_bundle(platform, **opts)
+            try:
+                if bundle.nuclei is None:
+                    raise InputError("the bundle has no nuclei/cell boundaries or masks; use "
+                                     "--segment", args.bundle)
+                if tuple(bundle.image_shape) != shape or (
+                        meta.um_to_px is not None
+                        and not np.allclose(bundle.affine, np.asarray(meta.um_to_px))):
+                    raise InputError(f"bundle (image {bundle.image_shape}, affine "
+                                     f"{bundle.affine.tolist()}) does not match the imported "
+                                     f"sample ({shape}, {meta.um_to_px}): same --level/--z/"
+                                     "--fov as at import?", args.bundle)
+                labels, ids = bundle.nuclei(shape)
+            finally:
+                bundle.close()
+            source = f"{platform} nuclei"
+        else:
+            data = tifffile.imread(image)
+            labels = segment_nuclei(data, meta.pixel_size_um, args.diameter_um)
+            source = "classical segmentation"
+        labels = expand_labels_um(labels, args.expand_um, meta.pixel_size_um)
+        out = args.base_dir / "labels" / f"{args.sample}.tif"
+        with Staging(overwrite=args.overwrite) as stage:
+            write_label(stage.path(out), labels)
+            if ids is not None:
+                write_ids(stage.path(args.base_dir / NUCLEI_DIR / f"{args.sample}_ids.csv"),
+                          ids)
+        logger.info("%s: %d labels from %s, expanded by %g µm", out,
+                    len(np.unique(labels)) - 1, source, args.expand_um)
+        return 0
+
+    return run_reporting_errors(run)
