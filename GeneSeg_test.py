@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if not args.test_dir.is_dir():
             raise InputError("test folder not found", args.test_dir)
+        from GeneSegNet.io.paths import check_output_not_input, crop_input_folders
+
+        inputs = {str(p): p for p in crop_input_folders(args.test_dir)}
+        check_output_not_input({"--savedir": args.savedir},
+                               {**inputs, "--pretrained_model": args.pretrained_model})
         out_root = args.savedir if args.savedir is not None else args.test_dir
         setup_logging(args.verbose, log_file=out_root / LOG_NAME)
         output = output_options_from_args(args)

@@ -24,6 +24,13 @@ from pathlib import Path
 
 from GeneSegNet.cli import run_reporting_errors
 from GeneSegNet.cli.args import add_common_args, optional_path
+from GeneSegNet.cli.types import (
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from GeneSegNet.cli.upstream import check_unsupported
 from GeneSegNet.dynamics import DEFAULT_FLOW_TARGET_MODE, FLOW_TARGET_MODES
 from GeneSegNet.log import setup_logging
@@ -38,50 +45,60 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(parser, training=True, require=("train_dir",))
     g = parser.add_argument_group("training")
     g.add_argument("--save_model_dir", type=Path, required=True, help="output folder of the run")
-    g.add_argument("--learning_rate", type=float, default=0.001, help="AdamW learning rate")
-    g.add_argument("--weight_decay", type=float, default=1e-5, help="AdamW weight decay")
-    g.add_argument("--n_epochs", type=int, default=500, help="epochs per round")
-    g.add_argument("--min_train_masks", type=int, default=1, help="drop crops with fewer cells")
-    g.add_argument("--save_every", type=int, default=100, help="save _last at e %% N == 1")
+    g.add_argument("--learning_rate", type=positive_float, default=0.001,
+                   help="AdamW learning rate")
+    g.add_argument("--weight_decay", type=nonnegative_float, default=1e-5,
+                   help="AdamW weight decay")
+    g.add_argument("--n_epochs", type=positive_int, default=500, help="epochs per round")
+    g.add_argument("--min_train_masks", type=nonnegative_int, default=1,
+                   help="drop crops with fewer cells")
+    g.add_argument("--save_every", type=positive_int, default=100, help="save _last at e %% N == 1")
     g.add_argument("--save_each", action="store_true", help="also keep a file per save epoch")
-    g.add_argument("--recursive_num", type=int, default=3, help="rounds of train/test/relabel")
-    g.add_argument("--nbase", type=int, nargs="+", default=None,
+    g.add_argument("--checkpoint_minutes", type=nonnegative_float, default=0.0,
+                   help="write the resumable _last checkpoint at the end of every epoch once "
+                   "this many minutes have passed since the last write (0: every epoch); "
+                   "SIGINT/SIGTERM save the last completed epoch before exiting")  # fmt: skip
+    g.add_argument("--recursive_num", type=positive_int, default=3,
+                   help="rounds of train/test/relabel")
+    g.add_argument("--nbase", type=positive_int, nargs="+", default=None,
                    help="encoder widths (default 32 64 128 256; smaller is faster)")  # fmt: skip
     g.add_argument("--resume", type=optional_path, default=None,
                    help="continue an interrupted run from its _last checkpoint")  # fmt: skip
-    g.add_argument("--train_tile_size", type=int, default=224,
+    g.add_argument("--train_tile_size", type=positive_int, default=224,
                    help="side of the augmented training patches (smaller is faster)")  # fmt: skip
     g.add_argument("--seed", type=int, default=0, help="seed of weights, order, augmentation")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
-    g.add_argument("--num_workers", type=int, default=0, help="data loader processes")
+    g.add_argument("--num_workers", type=nonnegative_int, default=0, help="data loader processes")
     g.add_argument("--deterministic", action="store_true", help="deterministic torch kernels")
     g.add_argument("--flow_targets", choices=FLOW_TARGET_MODES, default=DEFAULT_FLOW_TARGET_MODE,
                    help="flow training targets: 'isolated' (each cell as if alone; no heat "
                         "leaks between touching cells) or 'upstream' (leaking)")
-    g.add_argument("--refine_method", choices=("auto", "grow", "morphology", "fast", "levelset"),
+    g.add_argument("--refine_method",
+                   choices=("auto", "grow", "merge", "morphology", "fast", "levelset"),
                    default="auto", help="relabelling between rounds: grow = merge the prediction "
                    "with the previous labels and grow them along the transcripts "
-                   "(GeneSegNet.training.grow; needs µm: sample info or --pixel_size); "
+                   "(GeneSegNet.training.grow; needs µm: sample info or --pixel_size); merge = "
+                   "the prediction plus the previous cells it missed, no growth; "
                    "upstream's refinements (GeneSegNet.training.refine): morphology = the §6.2 "
                    "rule, quickest; fast = exact level-set result (slow for small cells); "
                    "levelset = literal upstream computation; auto (default) = grow when every "
                    "train/val crop has spots and a pixel size, else morphology")  # fmt: skip
-    g.add_argument("--pixel_size", type=float, default=None,
+    g.add_argument("--pixel_size", type=positive_float, default=None,
                    help="µm per pixel for samples without a pixel size (used by grow)")  # fmt: skip
     g.add_argument("--no_grow_start_labels", action="store_true",
                    help="with grow: train round 1 on labels/ as they are, not grown")  # fmt: skip
-    g.add_argument("--max_growth_um", type=float, default=None,
+    g.add_argument("--max_growth_um", type=nonnegative_float, default=None,
                    help="grow: farthest a cell grows beyond its label in one relabelling, µm "
                    "(default: GrowParams, 5)")  # fmt: skip
-    g.add_argument("--new_cell_min_area_um2", type=float, default=None,
+    g.add_argument("--new_cell_min_area_um2", type=nonnegative_float, default=None,
                    help="grow: smallest new cell made of unclaimed transcripts, µm² "
                    "(default: GrowParams, 30)")  # fmt: skip
-    g.add_argument("--max_cell_loss", type=float, default=0.1,
+    g.add_argument("--max_cell_loss", type=fraction, default=0.1,
                    help="warn when a relabelling loses more than this fraction of the "
                    "cells of the round's labels")  # fmt: skip
     g.add_argument("--warm_start_rounds", action="store_true",
                    help="start round N from round N-1's model (upstream: fresh)")  # fmt: skip
-    g.add_argument("--relabel_min_size", type=int, default=300,
+    g.add_argument("--relabel_min_size", type=nonnegative_int, default=300,
                    help="refined labels drop cells smaller than this (pixels)")  # fmt: skip
     g.add_argument("--relabel_last_round", action="store_true",
                    help="also refine labels after the last round (upstream; unused)")  # fmt: skip
@@ -112,6 +129,7 @@ def _configs(args: argparse.Namespace):
                             batch_size=args.batch_size or TrainConfig.batch_size,
                             min_train_masks=args.min_train_masks, save_every=args.save_every,
                             save_each=args.save_each, seed=args.seed, tile=args.train_tile_size,
+                            checkpoint_minutes=args.checkpoint_minutes,
                             heatmap_mode=args.heatmap_norm or TrainConfig.heatmap_mode,
                             bf16=args.bf16, num_workers=args.num_workers,
                             flow_target_mode=args.flow_targets)  # fmt: skip
@@ -143,13 +161,26 @@ def main(argv: list[str] | None = None) -> int:
     notes = check_unsupported(args, parser)
     if args.resume is not None and args.pretrained_model is not None:
         parser.error("--resume and --pretrained_model exclude each other")
+    if args.output_filename in {"images", "labels", "spots", "HeatMaps"} or not (
+        args.output_filename and args.output_filename.isprintable()
+        and "/" not in args.output_filename and args.output_filename not in (".", "..")
+    ):
+        parser.error(f"--output_filename {args.output_filename!r}: refined labels need a folder "
+                     "name of their own (not images, labels, spots, HeatMaps or a path)")
     setup_logging(args.verbose)
 
     def run() -> int:
         import GeneSegNet
         from GeneSegNet.device import get_device
+        from GeneSegNet.io.paths import check_output_not_input, crop_input_folders
         from GeneSegNet.training.recursive import run_recursive_training
 
+        inputs = {str(p): p for p in crop_input_folders(args.train_dir, args.val_dir,
+                                                        args.test_dir)}
+        check_output_not_input(
+            {"--save_model_dir": args.save_model_dir, "--flow_cache_dir": args.flow_cache_dir},
+            {**inputs, "--pretrained_model": args.pretrained_model},
+        )
         args.save_model_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(args.verbose, log_file=args.save_model_dir / LOG_NAME)
         if args.deterministic:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
+from GeneSegNet.cli.types import positive_float
 from GeneSegNet.log import setup_logging
 
 logger = logging.getLogger("GeneSegNet.scripts.generate_MappingRelationships")
@@ -36,12 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_of_bounds", choices=("background", "drop"), default="background",
                         help="spots outside the image or with invalid coordinates: write them "
                              "with cell id 0, or drop them")
-    parser.add_argument("--spot_scale", type=float, default=1.0,
+    parser.add_argument("--spot_scale", type=positive_float, default=1.0,
                         help="pixels per spot-coordinate unit (e.g. 4.706 for Xenium microns)")
     parser.add_argument("--outputs", default="csv",
                         help="comma-separated result formats: csv,h5ad,geojson,geoparquet,"
                              "spatialdata,xenium,qc (default: upstream's csv only)")
-    parser.add_argument("--pixel_size", type=float, default=None,
+    parser.add_argument("--pixel_size", type=positive_float, default=None,
                         help="µm per image pixel (needed by h5ad, spatialdata, xenium, qc "
                              "unless <metadata_dir>/metadata/<name>.json gives it)")
     parser.add_argument("--metadata_dir", type=Path, default=None,
@@ -59,7 +60,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         from GeneSegNet.export.outputs import DEFAULT_OUTPUTS, parse_outputs
+        from GeneSegNet.io.paths import check_output_not_input
         from GeneSegNet.mapping import map_dataset
+
+        check_output_not_input(
+            {"--save_dir": args.save_dir},
+            {"--label_dir": args.label_dir, "--spot_dir": args.spot_dir,
+             "--image_dir": args.image_dir,
+             "--metadata_dir metadata": args.metadata_dir and args.metadata_dir / "metadata"},
+        )
 
         outputs = parse_outputs(args.outputs)
         if args.outputs != "csv" or outputs != DEFAULT_OUTPUTS:

@@ -17,3 +17,14 @@ class InputError(Exception):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(problem if path is None else f"{path}: {problem}")
+
+
+class Interrupted(Exception):
+    """A run stopped on SIGINT/SIGTERM after saving what it needs to resume.
+
+    ``signum``: the signal; the scripts exit with status ``128 + signum``.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        self.signum = signum
+        super().__init__(message)

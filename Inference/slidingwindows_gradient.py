@@ -22,6 +22,7 @@ from pathlib import Path
 
 from GeneSegNet.cli import add_device_args, add_verbose_arg, run_reporting_errors
 from GeneSegNet.cli.args import add_mask_args, add_network_pass_args
+from GeneSegNet.cli.types import int_range, nonnegative_int, positive_float
 from GeneSegNet.log import setup_logging
 
 logger = logging.getLogger("GeneSegNet.scripts.slidingwindows_gradient")
@@ -43,11 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_dir", type=Path, required=True, help="output folder")
     parser.add_argument("--model_file", type=Path, required=True, help="trained checkpoint")
     win = parser.add_argument_group("windows")
-    win.add_argument("--sigma", type=float, default=7.0, help="heatmap Gaussian sigma (px)")
-    win.add_argument("--window", type=int, default=256, help="window edge (px)")
+    win.add_argument("--sigma", type=positive_float, default=7.0,
+                     help="heatmap Gaussian sigma (px)")
+    win.add_argument("--window", type=int_range(16, 16384), default=256, help="window edge (px)")
     win.add_argument(
         "--overlap",
-        type=int,
+        type=nonnegative_int,
         default=None,
         help="window overlap (px); default twice the cell diameter (--window_local: upstream's 16)",
     )
@@ -66,14 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     win.add_argument(
         "--pixel_size",
-        type=float,
+        type=positive_float,
         default=None,
         help="µm per image pixel of every image; needed by density-input models unless "
         "<root_dir>/metadata/<name>.json gives it (both must agree)",
     )
     win.add_argument(
         "--spot_scale",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="pixels per spot-coordinate unit (e.g. 4.706 for Xenium microns)",
     )
@@ -81,13 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_mask_args(masks)
     masks.add_argument(
         "--block_size",
-        type=int,
+        type=int_range(64, 1 << 16),
         default=2048,
         help="masks are reconstructed in blocks of this edge (px)",
     )
     masks.add_argument(
         "--block_halo",
-        type=int,
+        type=nonnegative_int,
         default=None,
         help="context around each block (px); default twice the cell diameter",
     )
@@ -109,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="background",
         help="mapping of spots outside the image",
     )
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an existing, non-empty --save_dir (its files of the same names are "
+        "replaced; others are kept)",
+    )
     out.add_argument("--no_heatmap", action="store_true", help="do not write the heatmap")
     out.add_argument(
         "--outputs",
@@ -117,9 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
         "comma-separated from csv,h5ad,geojson,geoparquet,spatialdata,xenium,qc "
         "(README 'Result formats')",
     )
+    _add_out_of_core_args(parser)
     add_device_args(parser)
     add_verbose_arg(parser)
     return parser
+
+
+def _add_out_of_core_args(parser: argparse.ArgumentParser) -> None:
+    ooc = parser.add_argument_group(
+        "out of core and dask (README 'Whole slides beyond memory')")
+    ooc.add_argument("--out_of_core", choices=("auto", "on", "off"), default="auto",
+                     help="keep the blended field and labels in <save_dir>/label_<name>.zarr "
+                     "(memory flat in slide size; resumable); auto: above --out_of_core_pixels")
+    ooc.add_argument("--out_of_core_pixels", type=float, default=1e8,
+                     help="auto threshold and largest slide that still gets png/mat/jpg/mapping")
+    ooc.add_argument("--dask_workers", type=int, default=0,
+                     help="run window batches and mask blocks on a LocalCluster of N workers "
+                     "(0: in this process); with --slurm_queue: SLURM jobs")
+    ooc.add_argument("--dask_threads", action="store_true",
+                     help="LocalCluster workers as threads instead of processes")
+    ooc.add_argument("--dask_scheduler", default=None,
+                     help="address of a running dask scheduler (tcp://host:8786)")
+    ooc.add_argument("--slurm_queue", default=None,
+                     help="start --dask_workers dask_jobqueue.SLURMCluster jobs on this partition")
+    ooc.add_argument("--slurm_cores", type=int, default=8, help="cores per SLURM job")
+    ooc.add_argument("--slurm_memory", default="16GB", help="memory per SLURM job")
+    ooc.add_argument("--slurm_walltime", default="04:00:00", help="walltime per SLURM job")
+    ooc.add_argument("--slurm_account", default=None, help="SLURM account")
 
 
 def _run_config(args: argparse.Namespace, meta: dict):
@@ -159,6 +191,20 @@ def _run_config(args: argparse.Namespace, meta: dict):
     )
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Outputs never go into the inputs; an existing output folder needs --overwrite."""
+    from GeneSegNet.errors import InputError
+    from GeneSegNet.io.paths import check_output_not_input, raw_input_folders
+
+    inputs = {f"--root_dir {p.name}/": p for p in raw_input_folders(args.root_dir)}
+    check_output_not_input({"--save_dir": args.save_dir},
+                           {**inputs, "--model_file": args.model_file})
+    save_dir = args.save_dir
+    if save_dir.is_dir() and not args.overwrite and any(save_dir.iterdir()):
+        raise InputError("output folder exists and is not empty (use --overwrite to replace "
+                         "the files this script writes there)", save_dir)
+
+
 def _run(args: argparse.Namespace) -> int:
     from GeneSegNet.device import get_device
     from GeneSegNet.errors import InputError
@@ -167,6 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     from GeneSegNet.slide.pipeline import run_slides
 
     # Every check runs before the first long step (run_slides reads all inputs first).
+    _check_paths(args)
     try:
         device = get_device(args.use_gpu, args.gpu_device)
     except ValueError as exc:
@@ -177,8 +224,46 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose, log_file=save_dir / LOG_NAME)
     cfg = _run_config(args, meta)
     logger.info("model %s on %s: %d image(s); %s", args.model_file, device, len(samples), cfg)
+    if _out_of_core(args, net, meta, samples, save_dir, cfg, device):
+        return 0
     run_slides(net, meta, samples, save_dir, cfg, device=device, config_path=save_dir / CONFIG_NAME)
     return 0
+
+
+def _out_of_core(args, net, meta, samples, save_dir, cfg, device) -> bool:
+    """Run every slide out of core when --out_of_core decides so; False otherwise."""
+    from GeneSegNet.data.model_input import model_input_from_meta
+    from GeneSegNet.errors import InputError
+    from GeneSegNet.io.layout import channels_for
+    from GeneSegNet.slide.slides_ooc import (
+        OutOfCoreConfig,
+        run_slides_out_of_core,
+        use_out_of_core,
+    )
+
+    dask = None
+    if args.dask_workers or args.dask_scheduler or args.slurm_queue:
+        from GeneSegNet.slide.distributed import DaskSettings
+
+        if args.dask_workers < 0 or (args.slurm_queue and args.dask_workers < 1):
+            raise InputError("--dask_workers must be >= 1 with --slurm_queue (and >= 0)")
+        slurm = None
+        if args.slurm_queue:
+            slurm = {"queue": args.slurm_queue, "cores": args.slurm_cores,
+                     "processes": 1, "memory": args.slurm_memory,
+                     "walltime": args.slurm_walltime, "account": args.slurm_account}
+        dask = DaskSettings(workers=max(args.dask_workers, 1), processes=not args.dask_threads,
+                            scheduler=args.dask_scheduler, slurm=slurm)
+    ooc = OutOfCoreConfig(mode="on" if dask is not None and args.out_of_core == "auto"
+                          else args.out_of_core, limit_pixels=args.out_of_core_pixels,
+                          in_memory_outputs=args.out_of_core_pixels)
+    n_trans = model_input_from_meta(meta).n_transcripts
+    if not use_out_of_core(samples, ooc, channels_for(net.config.nchan - n_trans + 1)):
+        if dask is not None:
+            raise InputError("dask execution needs --out_of_core auto or on")
+        return False
+    run_slides_out_of_core(net, meta, samples, save_dir, cfg, ooc, device=device, dask=dask)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

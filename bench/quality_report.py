@@ -160,7 +160,7 @@ def saturation(raw: Path, names: list[str]) -> list[str]:
 
 def _zero_transcripts(src: Path, dst: Path) -> None:
     """Copy a crop dataset with every network transcript input replaced by zeros."""
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("newlabels*"))
     for path in dst.rglob("HeatMaps/HeatMap_all/*"):
         from GeneSegNet.io import write_image
         write_image(path, np.zeros_like(read_image(path, "gray")))

@@ -15,6 +15,13 @@ import sys
 from pathlib import Path
 
 from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
+from GeneSegNet.cli.types import (
+    check_split,
+    int_range,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
 from GeneSegNet.log import setup_logging
 
 logger = logging.getLogger("GeneSegNet.scripts.Generate_Image_Label_locationMap")
@@ -27,12 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="raw dataset with images/, labels/ and spots/")
     parser.add_argument("--save_crop_dir", type=Path, default=Path("preprocessed"),
                         help="output folder for the crops")
-    parser.add_argument("--n_crops", type=int, default=100, help="crops per image")
-    parser.add_argument("--crop_size", type=int, default=256, help="crop side in pixels")
-    parser.add_argument("--sigma", type=float, default=7.0, help="heatmap Gaussian sigma (px)")
+    parser.add_argument("--n_crops", type=positive_int, default=100, help="crops per image")
+    parser.add_argument("--crop_size", type=int_range(8, 65536), default=256,
+                        help="crop side in pixels")
+    parser.add_argument("--sigma", type=positive_float, default=7.0,
+                        help="heatmap Gaussian sigma (px)")
     parser.add_argument("--seed", type=int, default=1,
                         help="seed of each image's random.Random for crop offsets")
-    parser.add_argument("--split", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
+    parser.add_argument("--split", type=nonnegative_float, nargs=3, metavar=("TRAIN", "VAL",
+                        "TEST"),
                         help="split whole samples into train/, val/ and test/ by these fractions")
     parser.add_argument("--split_seed", type=int, default=0, help="seed of the split shuffle")
     parser.add_argument("--image_format", choices=("png", "jpg"), default="png",
@@ -42,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heatmap_context", choices=("global", "crop"), default="global",
                         help="global: spots just outside a crop still count (as in whole-image "
                              "inference); crop: only spots inside the crop (upstream)")
-    parser.add_argument("--spot_scale", type=float, default=1.0,
+    parser.add_argument("--spot_scale", type=positive_float, default=1.0,
                         help="pixels per spot-coordinate unit (e.g. 4.706 for Xenium microns)")
     parser.add_argument("--no_labels", action="store_true",
                         help="allow a dataset without labels/ (crops without label files)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace sample folders that already exist")
-    parser.add_argument("--pixel_size", type=float, default=None,
+    parser.add_argument("--pixel_size", type=positive_float, default=None,
                         help="µm per image pixel of every sample; must agree with a sample's "
                              "<base_dir>/metadata/<sample>.json when both exist")
     parser.add_argument("--transcript_input", choices=("auto", "density", "heatmap"),
@@ -56,22 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="network transcript input: density (per-slide scaled transcript "
                              "density + gene channels; needs pixel sizes), heatmap (upstream), "
                              "auto = density when every pixel size is known, else heatmap")
-    parser.add_argument("--transcript_sigma_um", type=float, default=None,
+    parser.add_argument("--transcript_sigma_um", type=positive_float, default=None,
                         help="density kernel sigma in µm (default 2.0)")
-    parser.add_argument("--gene_channels", type=int, default=3,
+    parser.add_argument("--gene_channels", type=int_range(0, 64), default=3,
                         help="gene-embedding channels in density mode (0 = density only)")
     add_verbose_arg(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_split(parser, args.split)
     setup_logging(args.verbose)
 
     def run() -> int:
         from GeneSegNet.data.crops import CropConfig, prepare_dataset
         from GeneSegNet.data.transcripts import DEFAULT_SIGMA_UM
+        from GeneSegNet.io.paths import check_output_not_input, raw_input_folders
 
+        check_output_not_input({"--save_crop_dir": args.save_crop_dir},
+                               raw_input_folders(args.base_dir))
         config = CropConfig(n_crops=args.n_crops, crop_size=args.crop_size, sigma=args.sigma,
                             seed=args.seed, image_format=args.image_format,
                             heatmap_format=args.heatmap_format,

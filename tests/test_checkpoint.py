@@ -194,13 +194,13 @@ def test_pickle_with_custom_object_is_refused(tmp_path):
     net = _net()
     torch.save({"state_dict": net.state_dict(), "payload": _Sneaky()}, path)
     assert isinstance(pickle.loads(pickle.dumps(_Sneaky())), list)  # what it would run
-    _assert_refused(path, "not a safe checkpoint")
+    _assert_refused(path, "unsafe checkpoint")
 
     path2 = tmp_path / "sneaky_bare"
     sd = dict(net.state_dict())
     sd["diam_mean"] = _Sneaky()
     torch.save(sd, path2)
-    _assert_refused(path2, "not a safe checkpoint")
+    _assert_refused(path2, "unsafe checkpoint")
 
 
 def test_non_dict_and_foreign_dicts_are_refused(tmp_path):

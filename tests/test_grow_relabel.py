@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from GeneSegNet.data.dataset import load_dataset
 from GeneSegNet.errors import InputError
@@ -260,3 +261,21 @@ def test_start_labels_can_stay_ungrown(data, tmp_path, monkeypatch):
     nucleus_area = np.pi * NUCLEUS_R**2 * PIXEL_UM**2
     assert manifest.rounds[0].input_labels["train"].median_area < 1.5 * nucleus_area
     assert manifest.rounds[0].relabelled["train"].merge["kept"] == 9
+
+
+def test_merge_keeps_missed_cells_without_growth_or_transcripts(data):
+    """Method "merge": predicted cells + previous cells the model missed, nothing grown,
+    no transcripts needed, and no cell dropped for its size."""
+    root, _ = data
+    crop = load_dataset(root / "train")[0]
+    # the model found cell 1, larger than its nucleus; cells 2 and 3 (nuclei of ~50 px,
+    # below min_size) it missed
+    predicted = (ndimage.binary_dilation(crop.labels == 1, iterations=4)).astype(np.int32)
+    counts: dict[str, int] = {}
+    no_spots = SimpleNamespace(**{**vars(crop), "spots_xy": np.zeros((0, 2), np.int64),
+                                  "spot_genes": np.zeros(0, object), "pixel_size_um": None})
+    out = relabel.postprocess_pseudo_labels(predicted, 1, method="merge", min_size=60,
+                                            crop=no_spots, merge_counts=counts)
+    assert counts == {"kept": 1, "added_back": 2, "dropped": 0}
+    assert len(np.unique(out)) - 1 == 3
+    np.testing.assert_array_equal(out > 0, (predicted > 0) | (crop.labels > 0))  # not grown

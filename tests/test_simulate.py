@@ -204,8 +204,9 @@ def test_command_dense_preset_writes_its_pixel_size(tmp_path, caplog):
     meta = read_metadata(metadata_path(tmp_path / "raw", "sample_00"))
     assert meta.pixel_size_um == 0.2125
     assert "cell diameter" in caplog.text and "µm" in caplog.text
-    bad = simulate_main(["--out_dir", str(tmp_path / "bad"), "--pixel_size", "-1"])
-    assert bad == 2 and not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as bad:  # refused by the parser
+        simulate_main(["--out_dir", str(tmp_path / "bad"), "--pixel_size", "-1"])
+    assert bad.value.code == 2 and not (tmp_path / "bad").exists()
 
 
 def test_bad_configuration_names_the_option():

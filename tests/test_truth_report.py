@@ -52,3 +52,24 @@ def test_no_matching_truth_is_an_error(dataset, tmp_path):
     write_label(tmp_path / "pred" / "other.png", np.ones((4, 4), np.int32))
     with pytest.raises(InputError, match="no label image has matching truth"):
         score_folder(tmp_path / "pred", dataset / "truth")
+
+
+def test_expansion_baseline_uses_each_samples_pixel_size(dataset, tmp_path):
+    """--expand_um d scores the labels expanded by d / pixel_size px (from the metadata)."""
+    from skimage.segmentation import expand_labels
+
+    from GeneSegNet.io.metadata import metadata_path, read_metadata
+
+    expanded = tmp_path / "expanded"
+    expanded.mkdir()
+    for name in ("sample_00", "sample_01"):
+        pixel = read_metadata(metadata_path(dataset, name)).pixel_size_um
+        labels = read_label(dataset / "labels" / f"{name}.png")
+        write_label(expanded / f"{name}.png", expand_labels(labels, distance=3.0 / pixel))
+    by_option = score_folder(dataset / "labels", dataset / "truth", expand_um=3.0)
+    by_hand = score_folder(expanded, dataset / "truth")
+    assert by_option.drop(columns="sample").equals(by_hand.drop(columns="sample"))
+    assert by_option.set_index("sample").loc["mean", "right_cell"] > score_folder(
+        dataset / "labels", dataset / "truth").set_index("sample").loc["mean", "right_cell"]
+    with pytest.raises(InputError, match="expand_um"):
+        score_folder(dataset / "labels", dataset / "truth", expand_um=-1.0)

@@ -27,6 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from GeneSegNet.cli import add_device_args, add_verbose_arg
+from GeneSegNet.cli.types import (
+    finite_float,
+    nonnegative_float,
+    nonnegative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+)
 from GeneSegNet.cli.upstream import add_compat_args
 from GeneSegNet.data.transforms import HEATMAP_MODES, IMAGE_NORMS
 
@@ -100,7 +108,7 @@ def add_mask_args(group: argparse._ActionsContainer) -> None:
     """Cell diameter and mask-reconstruction flags (crop and whole-slide scripts)."""
     group.add_argument(
         "--diameter",
-        type=float,
+        type=nonnegative_float,
         default=None,
         help="cell diameter in pixels; images are resized by "
         "diam_mean/diameter; 0 uses the model's training-label diameter "
@@ -108,20 +116,24 @@ def add_mask_args(group: argparse._ActionsContainer) -> None:
     )
     group.add_argument(
         "--flow_threshold",
-        type=float,
+        type=nonnegative_float,
         default=None,
         help="maximum flow error of a kept mask, 0 = no check (default 0.4)",
     )
     group.add_argument(
         "--confidence_threshold",
-        type=float,
+        type=finite_float,
         default=None,
         help="cell-probability logit threshold (default 0.0)",
     )
     group.add_argument(
-        "--min_size", type=int, default=None, help="minimum mask area in pixels (default 15)"
+        "--min_size",
+        type=nonnegative_int,
+        default=None,
+        help="minimum mask area in pixels (default 15)",
     )
-    group.add_argument("--niter", type=int, default=None, help="flow-following steps (default 200)")
+    group.add_argument("--niter", type=positive_int, default=None,
+                       help="flow-following steps (default 200)")
 
 
 def add_network_pass_args(
@@ -138,7 +150,7 @@ def add_network_pass_args(
         else "default: the model's training setting; fixed for a model without one"
     )
     group.add_argument(
-        "--batch_size", type=int, default=None, help=f"{batch_help} (default 8)"
+        "--batch_size", type=positive_int, default=None, help=f"{batch_help} (default 8)"
     )
     group.add_argument(
         "--heatmap_norm",
@@ -178,7 +190,7 @@ def add_eval_args(parser: argparse.ArgumentParser, *, training: bool = False) ->
     )
     group.add_argument(
         "--tile_overlap",
-        type=float,
+        type=open_fraction,
         default=None,
         help="overlap fraction between tiles (default 0.1)",
     )
@@ -242,7 +254,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, training: bool) -> None:
         )
     group.add_argument(
         "--diam_mean",
-        type=float,
+        type=positive_float,
         default=34.0 if training else None,
         help="mean cell diameter the network is trained at, in pixels "
         + ("(default 34.0)" if training else "(test: read from the checkpoint)"),

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from GeneSegNet.cli.types import finite_float
+
 # flag -> (value that means "not used", why a different value is refused)
 _REFUSED: dict[str, tuple[Any, str]] = {
     "unet": (False, "GeneSegNet always runs its residual flow U-Net (the flag was dead upstream)"),
@@ -83,10 +85,13 @@ def add_compat_args(parser: argparse.ArgumentParser) -> None:
     )
     compat.add_argument("--do_3D", action="store_true", help="not supported (2-D only)")
     compat.add_argument(
-        "--stitch_threshold", type=float, default=0.0, help="not supported unless 0 (3-D stitching)"
+        "--stitch_threshold",
+        type=finite_float,
+        default=0.0,
+        help="not supported unless 0 (3-D stitching)",
     )
     compat.add_argument(
-        "--anisotropy", type=float, default=1.0, help="not supported unless 1 (3-D)"
+        "--anisotropy", type=finite_float, default=1.0, help="not supported unless 1 (3-D)"
     )
     compat.add_argument(
         "--channel_axis", type=int, default=None, help="not supported: channels are fixed by --chan"

@@ -9,6 +9,13 @@ import logging
 from pathlib import Path
 
 from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
+from GeneSegNet.cli.types import (
+    finite_float,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+)
 from GeneSegNet.log import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -24,10 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", required=True, help="sample name of the written files")
     p.add_argument("--labels", action="store_true",
                    help="also write labels/<sample>.tif from the vendor's nuclei / cells")
-    p.add_argument("--expand_um", type=float, default=0.0,
+    p.add_argument("--expand_um", type=nonnegative_float, default=0.0,
                    help="with --labels: grow each label by this many µm")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--max_outside_fraction", type=float, default=0.05,
+    p.add_argument("--max_outside_fraction", type=fraction, default=0.05,
                    help="fail if more than this fraction of transcripts maps outside the image")
     p.add_argument("--compression", default="zlib", choices=("zlib", "none"),
                    help="compression of the written image tiles")
@@ -36,28 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, default=None,
                    help="DAPI image (generic: required; Xenium: overrides the search)")
     x = p.add_argument_group("Xenium")
-    x.add_argument("--level", type=int, default=0, help="pyramid level of the image (Xenium, "
+    x.add_argument("--level", type=nonnegative_int, default=0,
+                   help="pyramid level of the image (Xenium, "
                    "generic); µm -> px then divides by pixel size x 2^level")
-    x.add_argument("--min_qv", type=float, default=20.0,
+    x.add_argument("--min_qv", type=finite_float, default=20.0,
                    help="Xenium: drop transcripts with qv below this (Q20 = 1%% error); "
                    "negative: keep all")
     m = p.add_argument_group("MERSCOPE / Xenium Z stack")
-    m.add_argument("--z", type=int, default=None, help="DAPI z plane (default: the middle)")
+    m.add_argument("--z", type=nonnegative_int, default=None,
+                   help="DAPI z plane (default: the middle)")
     c = p.add_argument_group("CosMx")
-    c.add_argument("--fov", type=int, default=None,
+    c.add_argument("--fov", type=nonnegative_int, default=None,
                    help="import one FOV in its local px (default: stitch all FOVs)")
-    c.add_argument("--channel", type=int, default=None,
+    c.add_argument("--channel", type=nonnegative_int, default=None,
                    help="DAPI channel of the morphology stack (default: CosMx 4, generic 0)")
     c.add_argument("--positions", type=Path, default=None, help="FOV positions file")
     g = p.add_argument_group("generic (and CosMx pixel size)")
     g.add_argument("--x_col", default="x")
     g.add_argument("--y_col", default="y")
     g.add_argument("--gene_col", default="gene")
-    g.add_argument("--um_to_px", type=float, nargs=6, default=None,
+    g.add_argument("--um_to_px", type=finite_float, nargs=6, default=None,
                    metavar=("A", "B", "C", "D", "E", "F"),
                    help="x_px = A x + B y + C, y_px = D x + E y + F")
-    g.add_argument("--pixel_size", type=float, default=None, help="µm/px")
-    g.add_argument("--origin_um", type=float, nargs=2, default=(0.0, 0.0),
+    g.add_argument("--pixel_size", type=positive_float, default=None, help="µm/px")
+    g.add_argument("--origin_um", type=finite_float, nargs=2, default=(0.0, 0.0),
                    metavar=("X", "Y"), help="µm position of the image's top-left corner")
     add_verbose_arg(p)
     return p
@@ -87,10 +96,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         from GeneSegNet.errors import InputError
+        from GeneSegNet.io.paths import check_output_not_input, check_sample_name, raw_input_folders
         from GeneSegNet.io.vendors import import_bundle, open_bundle
 
         if args.platform != "generic" and args.bundle is None:
             raise InputError(f"{args.platform}: give the vendor's output folder")
+        check_sample_name(args.sample)
+        check_output_not_input(
+            {f"--base_dir {p.name}/": p for p in raw_input_folders(args.base_dir)},
+            {"bundle": args.bundle, "--transcripts": args.transcripts, "--image": args.image,
+             "--positions": getattr(args, "positions", None)},
+            replaced=True,
+        )
         bundle = open_bundle(args.platform, **bundle_options(args))
         result = import_bundle(bundle, args.base_dir, args.sample, with_labels=args.labels,
                                expand_um=args.expand_um, overwrite=args.overwrite,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from GeneSegNet.cli import add_verbose_arg, run_reporting_errors
+from GeneSegNet.cli.types import nonnegative_float, nonnegative_int, positive_float
 from GeneSegNet.log import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -27,12 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="segment nuclei in images/<sample>.tif")
     p.add_argument("--platform", choices=("xenium", "merscope", "cosmx"),
                    help="with --bundle (default: the metadata's platform)")
-    p.add_argument("--level", type=int, default=None, help="default: as imported")
-    p.add_argument("--z", type=int, default=None, help="default: as imported")
-    p.add_argument("--fov", type=int, default=None, help="default: as imported")
-    p.add_argument("--diameter_um", type=float, default=8.0,
+    p.add_argument("--level", type=nonnegative_int, default=None, help="default: as imported")
+    p.add_argument("--z", type=nonnegative_int, default=None, help="default: as imported")
+    p.add_argument("--fov", type=nonnegative_int, default=None, help="default: as imported")
+    p.add_argument("--diameter_um", type=positive_float, default=8.0,
                    help="--segment: typical nucleus diameter (µm)")
-    p.add_argument("--expand_um", type=float, default=0.0,
+    p.add_argument("--expand_um", type=nonnegative_float, default=0.0,
                    help="grow each nucleus by this many µm (into background only)")
     p.add_argument("--overwrite", action="store_true")
     add_verbose_arg(p)
@@ -52,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         from GeneSegNet.errors import InputError
         from GeneSegNet.io.images import write_label
         from GeneSegNet.io.metadata import metadata_path, read_metadata
+        from GeneSegNet.io.paths import check_output_not_input, check_sample_name
         from GeneSegNet.io.vendors import NUCLEI_DIR, open_bundle, write_ids
         from GeneSegNet.io.vendors.common import Staging
 
+        check_sample_name(args.sample)
+        check_output_not_input({"--base_dir labels/": args.base_dir / "labels"},
+                               {"--bundle": args.bundle})
         meta_file = metadata_path(args.base_dir, args.sample)
         meta = read_metadata(meta_file)
         extra = json.loads(meta_file.read_text(encoding="utf-8"))

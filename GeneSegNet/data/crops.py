@@ -68,7 +68,9 @@ from GeneSegNet.io import (
 )
 from GeneSegNet.io import layout as lay
 from GeneSegNet.io.atomic import atomic_path
+from GeneSegNet.io.image_limits import to_png_storable
 from GeneSegNet.io.metadata import check_pixel_size, metadata_path, resolve_pixel_size
+from GeneSegNet.io.paths import check_output_not_input, raw_input_folders
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +173,8 @@ def _to_8bit(image: np.ndarray) -> np.ndarray:
         return image
     if image.dtype == np.uint16:
         return (image >> 8).astype(np.uint8)
-    scaled = np.clip(image.astype(np.float64), 0, None)
-    top = scaled.max(initial=0)
-    return np.zeros(image.shape, np.uint8) if top == 0 else np.rint(scaled / top * 255).astype(
-        np.uint8)
+    # floats in [0, 1] and wide integers are scaled (non-finite pixels become 0)
+    return (to_png_storable(image) >> 8).astype(np.uint8)
 
 
 def write_sample_crops(sample: RawSample, out_dir: str | Path, config: CropConfig,
@@ -392,6 +392,9 @@ def prepare_dataset(base_dir: str | Path, save_dir: str | Path, config: CropConf
         if taken:
             raise InputError(f"output sample folder(s) already exist: {', '.join(taken[:5])} "
                              "(use --overwrite to replace them)")
+    for name in names:  # a sample folder that is replaced must not be or hold raw inputs
+        check_output_not_input({"sample folder": targets[name] / name},
+                               raw_input_folders(base_dir), replaced=True)
     pixel_sizes = {name: resolve_pixel_size(base_dir, name, pixel_size) for name in names}
     transcripts = choose_transcript_input(pixel_sizes, transcript_input,
                                           sigma_um=transcript_sigma_um,

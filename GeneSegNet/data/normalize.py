@@ -191,7 +191,9 @@ def local_levels(
     -------
     LevelGrid covering every block that the image touches.
     """
-    img = np.asarray(image)
+    # A lazy channel (``lazy_rows``, e.g. GeneSegNet.slide.store.LazyChannel) is read one
+    # band of blocks at a time below.
+    img = image if getattr(image, "lazy_rows", False) else np.asarray(image)
     if img.ndim != 2:
         raise ValueError(f"expected one channel [H, W], got shape {img.shape}")
     s = int(scale_px)
@@ -219,7 +221,8 @@ def local_levels(
         low[i], high[i], sigma[i] = _block_stats(padded, nc, lower, upper, min_count, stride)
     valid = np.isfinite(low)
     if not valid.any():
-        finite = img[np.isfinite(img)].astype(np.float64)
+        whole = np.asarray(img[0:height])
+        finite = whole[np.isfinite(whole)].astype(np.float64)
         if finite.size == 0:
             logger.warning("no finite pixel: levels default to low 0, span 1")
             return LevelGrid(s, (i0, j0), np.zeros((nr, nc), np.float32),

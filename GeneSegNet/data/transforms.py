@@ -55,9 +55,18 @@ def normalize99(x: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.nd
     ndarray [H, W] float32
     """
     x = np.asarray(x, dtype=np.float32)
-    p_low, p_high = np.percentile(x, [lower, upper])
+    finite = np.isfinite(x)
+    all_finite = bool(finite.all())
+    if not all_finite:  # missing pixels: ignored by the percentiles, 0 in the output
+        n_bad = int(x.size - finite.sum())
+        logger.warning("%d non-finite pixel(s) (%.2g %% of the image) treated as missing",
+                       n_bad, 100.0 * n_bad / max(x.size, 1))
+        if not finite.any():
+            return np.zeros_like(x, dtype=np.float32)
+    p_low, p_high = np.percentile(x if all_finite else x[finite], [lower, upper])
     if p_high - p_low > 1e-3:
-        return ((x - p_low) / (p_high - p_low)).astype(np.float32, copy=False)
+        out = ((x - p_low) / (p_high - p_low)).astype(np.float32, copy=False)
+        return out if all_finite else np.where(finite, out, np.float32(0))
     return np.zeros_like(x, dtype=np.float32)
 
 

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from skimage.segmentation import expand_labels
 
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.metrics import match, threshold_key, transcript_assignment_accuracy
 from GeneSegNet.io import LABEL_EXTENSIONS, index_by_sample, list_files, read_label, spot_pixels
+from GeneSegNet.io.metadata import metadata_path, read_metadata
 from GeneSegNet.mapping import LABEL_PREFIXES, LABEL_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -50,13 +52,20 @@ def score_sample(pred: np.ndarray, true_cells: np.ndarray, truth_spots: pd.DataF
     return scores
 
 
-def score_folder(label_dir: str | Path, truth_dir: str | Path) -> pd.DataFrame:
+def score_folder(label_dir: str | Path, truth_dir: str | Path, *, expand_um: float = 0.0,
+                 metadata_base: str | Path | None = None) -> pd.DataFrame:
     """Score every label image of ``label_dir`` whose sample has truth in ``truth_dir``.
 
     Label files pair with ``<truth_dir>/<name>_cells.png`` and ``<name>_spots.csv`` by
-    sample name (``label_<name>.png`` from inference included). Returns one row per
-    sample plus a final "mean" row.
+    sample name (``label_<name>.png`` from inference included). ``expand_um`` > 0 scores
+    the labels expanded by that many µm into background (the vendors' baseline), with each
+    sample's pixel size from ``<metadata_base>/metadata/<name>.json`` (default: the folder
+    above ``truth_dir``, the simulator's raw folder). Returns one row per sample plus a
+    final "mean" row.
     """
+    if not np.isfinite(expand_um) or expand_um < 0:
+        raise InputError(f"--expand_um must be a finite number >= 0, got {expand_um}")
+    base = Path(truth_dir).parent if metadata_base is None else Path(metadata_base)
     truth_dir = Path(truth_dir)
     labels = index_by_sample(list_files(label_dir, LABEL_EXTENSIONS), LABEL_PREFIXES,
                              LABEL_SUFFIXES, prefer=LABEL_EXTENSIONS)
@@ -67,8 +76,12 @@ def score_folder(label_dir: str | Path, truth_dir: str | Path) -> pd.DataFrame:
         if not cells_path.is_file() or not spots_path.is_file():
             logger.warning("%s: no truth for sample %r in %s; skipped", path, name, truth_dir)
             continue
-        scores = score_sample(read_label(path).astype(np.int64),
-                              read_label(cells_path).astype(np.int64), pd.read_csv(spots_path))
+        labels = read_label(path).astype(np.int64)
+        if expand_um > 0:
+            pixel = read_metadata(metadata_path(base, name)).pixel_size_um
+            labels = expand_labels(labels, distance=expand_um / pixel)
+        scores = score_sample(labels, read_label(cells_path).astype(np.int64),
+                              pd.read_csv(spots_path))
         rows.append({"sample": name, **scores})
     if not rows:
         raise InputError("no label image has matching truth files", label_dir)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from GeneSegNet.errors import InputError
+from GeneSegNet.io.atomic import temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ def write_spatialdata(path: str | Path, sdata, overwrite: bool = True) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    work = temp_dir(path)
     try:
         store = work / path.name
         sdata.write(store)

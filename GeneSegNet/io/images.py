@@ -18,6 +18,8 @@ import tifffile
 
 from GeneSegNet.errors import InputError
 from GeneSegNet.io.atomic import atomic_path
+from GeneSegNet.io.image_limits import check_declared_size, check_pixels, to_png_storable
+from GeneSegNet.io.safe_npy import load_npy_restricted
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,8 @@ LABEL_EXTENSIONS = (".png", ".tif", ".tiff", ".mat", ".npy")
 TIFF_EXTENSIONS = (".tif", ".tiff")
 MAT_LABEL_KEY = "CellMap"
 UINT16_MAX = np.iinfo(np.uint16).max
+MAX_CHANNELS = 8  # more: a Z stack or time series, not the channels of one image
+MAX_LABEL_ID = np.iinfo(np.int32).max  # label ids are processed as int32
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -34,16 +38,60 @@ def _read_tiff(path: Path) -> np.ndarray:
         if not tif.series:
             raise InputError("TIFF file contains no image", path)
         series = tif.series[0]
-        array = series.levels[0].asarray() if series.levels else series.asarray()
+        level = series.levels[0] if series.levels else series
+        _check_tiff_size(level, path)
+        array = level.asarray()
         axes = series.axes
-    array = np.squeeze(array)
+    array, axes = _squeeze_axes(array, axes)
+    if "Z" in axes and array.ndim >= 3:
+        z = axes.index("Z")
+        logger.warning("%s: a stack of %d Z planes; using their maximum projection",
+                       path, array.shape[z])
+        array, axes = array.max(axis=z), axes.replace("Z", "")
     if array.ndim == 3 and ("C" in axes or "S" in axes):
         # OME-TIFF and ImageJ stacks store channels first (CYX); samples are last (YXS).
         if array.shape[0] < array.shape[-1] and array.shape[0] <= 8:
             array = np.moveaxis(array, 0, -1)
     if array.ndim not in (2, 3):
         raise InputError(f"expected a 2-D image, found an array of shape {array.shape}", path)
+    if array.ndim == 3 and min(array.shape[0], array.shape[-1]) > MAX_CHANNELS:
+        raise InputError(
+            f"a stack of {array.shape[0]} planes (shape {array.shape}, axes "
+            f"{axes or 'unknown'}), not a 2-D image; give one plane or a projection",
+            path,
+        )
     return array
+
+
+def _squeeze_axes(array: np.ndarray, axes: str) -> tuple[np.ndarray, str]:
+    """Drop length-1 axes, keeping the axes string in step when it matches."""
+    if len(axes) != array.ndim:
+        return np.squeeze(array), ""
+    keep = [i for i, n in enumerate(array.shape) if n != 1]
+    return array.reshape([array.shape[i] for i in keep]), "".join(axes[i] for i in keep)
+
+
+def _check_tiff_size(series, path: Path) -> None:
+    """Refuse a TIFF whose declared pixels would not fit (checked before decoding)."""
+    shape = tuple(int(n) for n in series.shape)
+    if len(shape) < 2:
+        return
+    axes = series.axes if len(series.axes) == len(shape) else ""
+    if "Y" in axes and "X" in axes:
+        hw = (shape[axes.index("Y")], shape[axes.index("X")])
+    else:
+        hw = shape[-2:] if len(shape) == 2 or shape[-1] > 4 else shape[-3:-1]
+    check_pixels(hw, int(np.prod(shape)) * np.dtype(series.dtype).itemsize, path)
+
+
+def _check_channels(image: np.ndarray, path: Path) -> None:
+    if image.ndim == 3 and image.shape[2] > MAX_CHANNELS:
+        raise InputError(
+            f"image has {image.shape[2]} channels (shape {image.shape}): a Z stack or time "
+            f"series is not a 2-D image; give one plane or a projection (at most "
+            f"{MAX_CHANNELS} channels)",
+            path,
+        )
 
 
 def _check_readable(path: Path) -> None:
@@ -78,6 +126,7 @@ def read_image(path: str | Path, mode: str = "unchanged") -> np.ndarray:
         except Exception as exc:  # noqa: BLE001 - tifffile raises many types on bad files
             raise InputError(f"cannot read TIFF image ({exc})", path) from exc
     else:
+        check_declared_size(path)
         image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if image is None:
             raise InputError("cannot read image (corrupt or unsupported format)", path)
@@ -85,7 +134,24 @@ def read_image(path: str | Path, mode: str = "unchanged") -> np.ndarray:
             image = image[:, :, :3]
     if image.size == 0 or min(image.shape[:2]) == 0:
         raise InputError("image has no pixels", path)
-    return _convert_mode(image, mode, path)
+    _check_channels(image, path)
+    return _convert_mode(_fill_non_finite(image, path), mode, path)
+
+
+def _fill_non_finite(image: np.ndarray, path: Path) -> np.ndarray:
+    """NaN/inf pixels of a float image are missing data: they take the image's lowest
+    finite value (background), with a warning; an image without finite pixels is refused."""
+    if not np.issubdtype(image.dtype, np.floating):
+        return image
+    finite = np.isfinite(image)
+    if finite.all():
+        return image
+    if not finite.any():
+        raise InputError("image holds no finite pixel values (all NaN or infinite)", path)
+    n_bad = int(image.size - finite.sum())
+    logger.warning("%s: %d non-finite pixel value(s) (%.2g %%) treated as missing (set to the "
+                   "lowest finite value)", path, n_bad, 100.0 * n_bad / image.size)
+    return np.where(finite, image, image[finite].min())
 
 
 def _convert_mode(image: np.ndarray, mode: str, path: Path) -> np.ndarray:
@@ -121,11 +187,19 @@ def _as_label_array(array: np.ndarray, path: Path) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
             raise InputError("label image holds non-integer values", path)
+        if array.size and (array.min() < 0 or array.max() > MAX_LABEL_ID):
+            raise InputError(f"label ids must be 0..{MAX_LABEL_ID:,}", path)
         return array.astype(np.int64 if array.max(initial=0) > np.iinfo(np.int32).max else np.int32)
     if not np.issubdtype(array.dtype, np.integer):
         raise InputError(f"label image has unsupported type {array.dtype}", path)
     if array.size and array.min() < 0:
         raise InputError("label image holds negative ids", path)
+    if array.size and int(array.max()) > MAX_LABEL_ID:
+        raise InputError(
+            f"label ids up to {int(array.max()):,} exceed {MAX_LABEL_ID:,} (32-bit signed); "
+            "renumber the cells 1..N",
+            path,
+        )
     return array
 
 
@@ -141,31 +215,30 @@ def read_label(path: str | Path) -> np.ndarray:
     if suffix == ".mat":
         array = _read_mat_label(path)
     elif suffix == ".npy":
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except ValueError:
-            loaded = _read_npy_dict(path)
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"cannot read .npy label ({exc})", path) from exc
-        array = loaded
+        loaded = load_npy_restricted(path)  # pickles: plain data only, never code
+        array = _read_npy_dict(loaded, path) if loaded.dtype.hasobject else loaded
     elif suffix in TIFF_EXTENSIONS:
         try:
-            array = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                if not tif.series:
+                    raise InputError("TIFF file contains no image", path)
+                _check_tiff_size(tif.series[0], path)
+                array = tif.series[0].asarray()
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"cannot read TIFF label ({exc})", path) from exc
     else:
+        check_declared_size(path)
         array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if array is None:
             raise InputError("cannot read label image (corrupt or unsupported format)", path)
     return _as_label_array(array, path)
 
 
-def _read_npy_dict(path: Path) -> np.ndarray:
+def _read_npy_dict(loaded: np.ndarray, path: Path) -> np.ndarray:
     """Cellpose ``_seg.npy`` files are pickled dicts; only plain arrays are accepted."""
-    try:
-        data = np.load(path, allow_pickle=True).item()
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"cannot read .npy label ({exc})", path) from exc
+    data = loaded.item() if loaded.shape == () else None
     if not isinstance(data, dict) or "masks" not in data:
         raise InputError("a pickled .npy label must be a dict with key 'masks'", path)
     return np.asarray(data["masks"])
@@ -189,6 +262,10 @@ def _read_mat_label(path: Path) -> np.ndarray:
 def write_image(path: str | Path, image: np.ndarray, jpeg_quality: int = 95) -> Path:
     """Write an image atomically (format from the suffix: png, jpg or tif)."""
     path = Path(path)
+    if path.suffix.lower() not in TIFF_EXTENSIONS:
+        image = to_png_storable(np.asarray(image))  # scaled, never clipped or wrapped
+        if path.suffix.lower() in (".jpg", ".jpeg") and image.dtype == np.uint16:
+            image = (image >> 8).astype(np.uint8)
     with atomic_path(path) as tmp:
         if path.suffix.lower() in TIFF_EXTENSIONS:
             tifffile.imwrite(tmp, image)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
+import re
 from collections.abc import Mapping
 from pathlib import Path, PurePath
 from typing import Any
@@ -28,6 +28,7 @@ import torch
 
 import GeneSegNet
 from GeneSegNet.errors import InputError
+from GeneSegNet.io.atomic import temp_file
 from GeneSegNet.model.net import GeneSegUNet, NetConfig
 
 logger = logging.getLogger(__name__)
@@ -105,10 +106,10 @@ def save_checkpoint(
     }
     payload.update(_plain(extra, "extra"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temp_file(path)
     done = False
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
@@ -128,11 +129,10 @@ def _safe_load(path: Path, device: torch.device | str) -> Any:
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Unsupported global" in msg:
-            what = msg.split("Unsupported global:", 1)[1].split(" was not", 1)[0].strip()
+        what = _unsafe_global(str(e))
+        if what is not None:
             raise InputError(
-                f"not a safe checkpoint: it refers to a Python object ({what}) that loading "
+                f"unsafe checkpoint: it refers to a Python object ({what}) that loading "
                 "would have to import and run; refusing to load it (only weights and plain "
                 "data are accepted)",
                 path,
@@ -148,6 +148,53 @@ def _safe_load(path: Path, device: torch.device | str) -> Any:
             f"{type(e).__name__}: {str(e)[:160]})",
             path,
         ) from None
+
+
+def _unsafe_global(message: str) -> str | None:
+    """The global a ``weights_only`` error names ("Unsupported global: X" in torch 2.6,
+    "unsupported GLOBAL X whose module ..." in later versions), or None."""
+    match = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", message, re.IGNORECASE)
+    return match.group(1) if match else None
+
+
+# Bounds on an architecture read from a file, checked before the network is built (a
+# hostile checkpoint could otherwise ask for terabytes of weights).
+ARCH_LIMITS = {"levels": 8, "width": 4096, "nchan": 64, "nout": 16, "kernel_size": 15,
+               "diam_mean": 1000.0, "parameters": 2 * 10**9}
+
+
+def check_architecture(cfg: NetConfig, path: Path) -> None:
+    """Raise InputError when ``cfg`` exceeds :data:`ARCH_LIMITS`."""
+    lim = ARCH_LIMITS
+    k2 = cfg.kernel_size**2
+    widths = (cfg.nchan, *cfg.nbase)
+    params = sum(4 * a * b * k2 for a, b in zip(widths[:-1], widths[1:], strict=True))
+    problems = [
+        f"{len(cfg.nbase)} levels (at most {lim['levels']})" * (len(cfg.nbase) > lim["levels"]),
+        f"width {max(cfg.nbase)} (at most {lim['width']})" * (max(cfg.nbase) > lim["width"]),
+        f"nchan {cfg.nchan} (at most {lim['nchan']})" * (cfg.nchan > lim["nchan"]),
+        f"nout {cfg.nout} (at most {lim['nout']})" * (cfg.nout > lim["nout"]),
+        f"kernel {cfg.kernel_size} (at most {lim['kernel_size']})"
+        * (cfg.kernel_size > lim["kernel_size"]),
+        f"diam_mean {cfg.diam_mean:g} (at most {lim['diam_mean']:g})"
+        * (cfg.diam_mean > lim["diam_mean"]),
+        f"about {params:.3g} weights (at most {lim['parameters']:.3g})"
+        * (params > lim["parameters"]),
+    ]
+    problems = [p for p in problems if p]
+    if problems:
+        raise InputError("checkpoint architecture out of bounds: " + "; ".join(problems)
+                         + " (a corrupt or hostile file?)", path)
+
+
+def _check_finite(sd: Mapping[str, Any], path: Path) -> None:
+    """Refuse weights holding NaN or infinity (a diverged or damaged model)."""
+    bad = [k for k, v in sd.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(
+               torch.isfinite(v).all())]
+    if bad:
+        raise InputError(f"checkpoint weights hold NaN or infinite values ({len(bad)} "
+                         f"tensor(s), e.g. {bad[0]}): the model is unusable", path)
 
 
 def _infer_upstream_config(sd: Mapping[str, torch.Tensor], path: Path) -> NetConfig:
@@ -296,8 +343,10 @@ def load_checkpoint(
             f"checkpoint has {cfg.nchan} input channels but --chan {expect_nchan} was given",
             path,
         )
+    check_architecture(cfg, path)
     net = GeneSegUNet(cfg)
     _check_keys(net, sd, path)
+    _check_finite(sd, path)
     net.load_state_dict(sd, strict=True)
     net.to(device).eval()
     meta["net_config"] = cfg.to_dict()

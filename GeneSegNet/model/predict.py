@@ -14,6 +14,7 @@ image (upstream re-read them from disk for every image, spec §12 item 5).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -151,16 +152,28 @@ class Prediction:
     style: np.ndarray
 
 
+MAX_RESCALE = 16.0  # largest resize (and 1 / smallest) of an image for the network
+
+
 def rescale_factor(cfg: EvalConfig, *, diam_mean: float, diam_labels: float) -> float:
     """Resize factor of the network pass: ``diam_mean / diameter``, or
     ``diam_mean / diam_labels`` when ``cfg.diameter == 0``."""
+    from GeneSegNet.errors import InputError
+
     diameter = cfg.diameter if cfg.diameter > 0 else diam_labels
-    if not diameter > 0 or not diam_mean > 0:
-        raise ValueError(
+    if not diameter > 0 or not diam_mean > 0 or not math.isfinite(diam_mean / diameter):
+        raise InputError(
             f"cannot derive a resize factor from diam_mean={diam_mean}, diameter={diameter} "
             "(with --diameter 0 the model's diam_labels must be positive)"
         )
-    return float(diam_mean) / float(diameter)
+    rescale = float(diam_mean) / float(diameter)
+    if not 1.0 / MAX_RESCALE <= rescale <= MAX_RESCALE:
+        raise InputError(
+            f"cell diameter {diameter:g} px against the model's {diam_mean:g} px asks to resize "
+            f"the image by {rescale:.3g}x (allowed 1/{MAX_RESCALE:g}..{MAX_RESCALE:g}; each "
+            f"side grows by that factor, the memory by its square): check --diameter"
+        )
+    return rescale
 
 
 def forward_tiles(

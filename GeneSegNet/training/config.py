@@ -20,16 +20,20 @@ from GeneSegNet.training.refine import METHODS as REFINE_METHODS
 
 RELABEL_MIN_SIZE = 300  # px: refined labels drop smaller cells (upstream's min_size)
 GROW_METHOD = "grow"  # transcript-driven relabelling (GeneSegNet.training.grow)
+# the model's cells plus the previous cells it missed, no growth (needs no transcripts)
+MERGE_METHOD = "merge"
 AUTO_METHOD = "auto"  # grow when every crop has spots and a pixel size, else the fallback
 FALLBACK_METHOD = "morphology"  # the default before transcript-driven growth
-RELABEL_METHODS = (*REFINE_METHODS, GROW_METHOD)
+RELABEL_METHODS = (*REFINE_METHODS, GROW_METHOD, MERGE_METHOD)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Training settings (upstream defaults). ``val_every``: validation at epochs
     ``e % val_every == 0`` and ``e == 5``. ``save_every``: ``_last`` saved at epochs
-    ``e % save_every == 1`` (every epoch for 1) and at the final epoch. ``bf16``: bfloat16
+    ``e % save_every == 1`` (every epoch for 1) and at the final epoch, and besides at the
+    end of every epoch once ``checkpoint_minutes`` have passed since the last write (0, the
+    default: every epoch), so an interrupted run loses at most one epoch. ``bf16``: bfloat16
     autocast, CUDA only (ignored with a warning elsewhere). ``num_workers``: loader processes
     for normalisation and augmentation (results do not depend on it). ``heatmap_mode``:
     heatmap scaling of the inputs (see :data:`GeneSegNet.data.transforms.HEATMAP_MODES`);
@@ -53,11 +57,14 @@ class TrainConfig:
     bf16: bool = False
     num_workers: int = 0
     val_every: int = 10
+    checkpoint_minutes: float = 0.0
 
     def __post_init__(self) -> None:
         positive = ("n_epochs", "batch_size", "tile", "save_every", "val_every")
         bad = [n for n in positive if int(getattr(self, n)) < 1]
-        if bad or self.learning_rate < 0 or self.weight_decay < 0 or self.num_workers < 0:
+        if bad or self.learning_rate < 0 or self.weight_decay < 0 or self.num_workers < 0 or (
+            not self.checkpoint_minutes >= 0
+        ):
             raise ValueError(f"invalid training settings: {bad or 'negative value'} in {self}")
         check_heatmap_mode(self.heatmap_mode)
         check_mode(self.flow_target_mode)

@@ -455,7 +455,8 @@ def merge_with_previous(predicted: np.ndarray, previous: np.ndarray, rows_px: np
     in predicted cells. A missed cell is added back (its pixels outside predicted cells,
     under a new id) unless its transcript density is at background level (not above the
     foreground threshold of ``estimate_levels`` on the previous labels); then it is
-    dropped, rejected by both the model and the transcripts.
+    dropped, rejected by both the model and the transcripts. Without any transcript, no
+    missed cell is dropped.
 
     Returns
     -------
@@ -484,6 +485,8 @@ def merge_with_previous(predicted: np.ndarray, previous: np.ndarray, rows_px: np
     with np.errstate(invalid="ignore", divide="ignore"):
         density = n_spots / (area * pixel_size_um ** 2)
     dropped = missed & ~(density > levels.threshold_per_um2)
+    if rows.size == 0:  # no transcripts: they cannot reject a cell the model missed
+        dropped[:] = False
     added = missed & ~dropped
     new_id = np.zeros(n_prev, dtype=np.int64)
     new_id[added] = n_kept + np.arange(1, int(added.sum()) + 1)

@@ -20,8 +20,10 @@ Checkpoint files under ``model_dir``: ``{model_name}_last.pt`` (full training st
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from GeneSegNet.data.model_input import CHECKPOINT_KEY as MODEL_INPUT_KEY
 from GeneSegNet.data.model_input import ModelInput
 from GeneSegNet.device import as_device
 from GeneSegNet.dynamics.flow_targets import FlowTargetCache
-from GeneSegNet.errors import InputError
+from GeneSegNet.errors import InputError, Interrupted
 from GeneSegNet.model.checkpoint import load_checkpoint, save_checkpoint
 from GeneSegNet.model.net import GeneSegUNet, NetConfig
 from GeneSegNet.training.batches import (
@@ -53,6 +55,7 @@ from GeneSegNet.training.batches import (
     validation_batches,
 )
 from GeneSegNet.training.config import TrainConfig
+from GeneSegNet.training.interrupt import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +242,9 @@ class _Run:
         self.best_val_loss: float | None = None
         self.best_epoch: int | None = None
         self.bf16 = _use_bf16(cfg, device)
+        self.saved_epoch: int | None = None  # epoch of the _last file written by this run
+        self._saved_at = time.monotonic()
+        self._snapshot: tuple[int, dict[str, Any], dict[str, Any]] | None = None
 
     def restore(self, saved: dict[str, Any]) -> int:
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -290,9 +296,30 @@ class _Run:
         path = {"last": self.last_path, "best": self.best_path}.get(
             kind, self.model_dir / f"{self.model_name}_epoch_{epoch}.pt"
         )
-        return save_checkpoint(
+        written = save_checkpoint(
             path, self.net, train_config=self.cfg.to_dict(), extra=self._payload(epoch, kind)
         )
+        if kind == "last":
+            self.saved_epoch, self._saved_at, self._snapshot = epoch, time.monotonic(), None
+        return written
+
+    def _keep_snapshot(self, epoch: int) -> None:
+        """In-memory copy of an epoch's end state whose ``_last`` file was not written
+        (``checkpoint_minutes``), so that a stop request can still save it."""
+        net_state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
+        opt_state = copy.deepcopy(self.optimizer.state_dict())
+        self._snapshot = (epoch, net_state, opt_state)
+
+    def save_completed(self) -> int | None:
+        """Write ``_last`` for the last completed epoch (after a stop request mid-epoch);
+        returns that epoch, or None when no epoch was completed."""
+        if self._snapshot is not None:
+            epoch, net_state, opt_state = self._snapshot
+            self.net.load_state_dict(net_state)
+            self.optimizer.load_state_dict(opt_state)
+            self.history = [h for h in self.history if h["epoch"] <= epoch]
+            self.save(epoch, "last")
+        return self.saved_epoch
 
     def end_epoch(
         self, epoch: int, lr: float, train_loss: float, val_loss: float | None, seconds: float
@@ -309,10 +336,13 @@ class _Run:
             self.best_val_loss, self.best_epoch = val_loss, epoch
             self.save(epoch, "best")
         cfg = self.cfg
-        if epoch == cfg.n_epochs - 1 or epoch % cfg.save_every == 1 % cfg.save_every:
+        due = epoch == cfg.n_epochs - 1 or epoch % cfg.save_every == 1 % cfg.save_every
+        if due or time.monotonic() - self._saved_at >= 60.0 * cfg.checkpoint_minutes:
             self.save(epoch, "last")
-            if cfg.save_each:
-                self.save(epoch, "epoch")
+        else:
+            self._keep_snapshot(epoch)
+        if due and cfg.save_each:
+            self.save(epoch, "epoch")
 
 
 def _check_inputs(crops: Sequence[Crop], net_config: NetConfig, cfg: TrainConfig,
@@ -431,7 +461,10 @@ def train_network(
     n_val = 0 if val is None else len(val.crops)
     msg = f"training on {len(train.crops)} crops ({n_val} validation), epochs {start}.."
     logger.info("%s%d on %s, diam_labels %.2f px", msg, cfg.n_epochs - 1, device, diam_labels)
-    _run_epochs(run, train, val, start, progress)
+    with StopRequest() as stop:
+        _run_epochs(run, train, val, start, progress, stop)
+    if stop.requested is not None:
+        _stopped(run, stop.requested, start)
     if not run.last_path.exists():  # resumed after the final epoch: nothing was run
         run.save(cfg.n_epochs - 1, "last")
     best = run.best_path if run.best_epoch is not None and run.best_path.exists() else None
@@ -442,8 +475,25 @@ def train_network(
     )
 
 
+def _stopped(run: _Run, signum: int, start: int) -> None:
+    """After a stop request: save the last completed epoch and raise Interrupted."""
+    name = signal.Signals(signum).name
+    epoch = run.save_completed()
+    if epoch is None and start > 0:
+        epoch = start - 1  # nothing completed since the resumed checkpoint
+    if epoch is None:
+        raise Interrupted(f"stopped by {name} before the first epoch ended; nothing to "
+                          "resume (start the run again)", signum)
+    raise Interrupted(
+        f"stopped by {name}: epochs 0..{epoch} of {run.cfg.n_epochs} are saved in "
+        f"{run.last_path}; continue with --resume {run.last_path}",
+        signum,
+    )
+
+
 def _run_epochs(
-    run: _Run, train: TrainData, val: TrainData | None, start: int, progress: bool
+    run: _Run, train: TrainData, val: TrainData | None, start: int, progress: bool,
+    stop: StopRequest | None = None,
 ) -> None:
     cfg = run.cfg
     n = len(train.crops)
@@ -455,6 +505,8 @@ def _run_epochs(
     bar = tqdm(total=cfg.n_epochs - start, desc="epochs", disable=not progress)
     total, tic = 0.0, time.perf_counter()
     for k, (imgs, lbls) in enumerate(make_loader(dataset, cfg.num_workers, run.device)):
+        if stop is not None and stop.requested is not None:
+            break  # at a batch boundary; the caller saves the last completed epoch
         _, epoch, batch_no, idx = plan[k]
         if batch_no == 0:
             for group in run.optimizer.param_groups:

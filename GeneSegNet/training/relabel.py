@@ -48,6 +48,7 @@ from GeneSegNet.training.config import (
     AUTO_METHOD,
     FALLBACK_METHOD,
     GROW_METHOD,
+    MERGE_METHOD,
     RELABEL_MIN_SIZE,
     RecursiveConfig,
 )
@@ -164,7 +165,34 @@ def refine_round_labels(
     if method == GROW_METHOD:
         return grow_round_labels(labels, crop, pixel_size_um=pixel_size_um,
                                  params=grow_params, merge_counts=merge_counts)  # fmt: skip
+    if method == MERGE_METHOD:
+        return merge_round_labels(labels, crop, params=grow_params, merge_counts=merge_counts)
     return refine_labels(labels, round_index, method=method, device=device)
+
+
+def merge_round_labels(
+    predicted: np.ndarray,
+    crop: Crop | None,
+    *,
+    params: GrowParams | None = None,
+    merge_counts: dict[str, int] | None = None,
+) -> np.ndarray:
+    """Method ``"merge"``: the predicted cells plus the previous cells the model missed
+    (:func:`GeneSegNet.training.grow.merge_with_previous`), with no growth or dilation.
+
+    Needs no pixel size; with transcripts, a missed cell at background density is dropped,
+    without any, every missed cell is kept (no collapse). Returns int32 [H, W].
+    """
+    if crop is None or crop.labels is None:
+        raise InputError(f"relabelling method {MERGE_METHOD!r} needs the crop and its labels")
+    rows, cols, _ = crop_spots(crop)
+    size = crop_pixel_size(crop, None) or 1.0  # only scales the density levels
+    merged, counts = merge_with_previous(predicted, crop.labels, rows, cols,
+                                         pixel_size_um=size, params=params or GrowParams())
+    if merge_counts is not None:
+        for key, value in counts.items():
+            merge_counts[key] = merge_counts.get(key, 0) + int(value)
+    return merged
 
 
 def postprocess_pseudo_labels(
@@ -193,7 +221,7 @@ def postprocess_pseudo_labels(
     out = refine_round_labels(out, round_index, method=method, crop=crop, device=device,
                               pixel_size_um=pixel_size_um, grow_params=grow_params,
                               merge_counts=merge_counts)  # fmt: skip
-    if method != GROW_METHOD:
+    if method not in (GROW_METHOD, MERGE_METHOD):  # a kept cell is never dropped for its size
         out = fill_holes_and_remove_small_masks(out, min_size=min_size)
     return renumber(out, order="first")
 
@@ -429,9 +457,8 @@ def relabel_dataset(
     if rc.refine_method == AUTO_METHOD:
         raise ValueError("resolve the refinement method first (resolve_refine_method)")
     diam = {"diam_mean": float(meta["diam_mean"]), "diam_labels": float(meta["diam_labels"])}
-    merge: dict[str, int] | None = (
-        {"kept": 0, "added_back": 0, "dropped": 0} if rc.refine_method == GROW_METHOD else None
-    )
+    merging = rc.refine_method in (GROW_METHOD, MERGE_METHOD)
+    merge: dict[str, int] | None = {"kept": 0, "added_back": 0, "dropped": 0} if merging else None
 
     def make(crop: Crop) -> np.ndarray:
         pred = predict_crop(net, crop, eval_cfg, device=device, **diam)

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import pyarrow.parquet as pq
 import tifffile
 
 from GeneSegNet.errors import InputError
+from GeneSegNet.io.atomic import temp_file
 from GeneSegNet.io.metadata import METADATA_DIR, SampleMetadata, check_pixel_size
 from GeneSegNet.io.records import json_ready
 
@@ -126,12 +126,9 @@ class Staging:
         final = Path(final)
         if final.exists() and not self.overwrite:
             raise InputError("output already exists (use --overwrite to replace it)", final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}",
-                                   dir=final.parent)
-        os.close(fd)
-        self._pending.append((Path(tmp), final))
-        return Path(tmp)
+        tmp = temp_file(final)
+        self._pending.append((tmp, final))
+        return tmp
 
     def commit(self) -> list[Path]:
         done = []

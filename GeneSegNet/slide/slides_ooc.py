@@ -1,0 +1,191 @@
+"""Out-of-core runs of ``Inference/slidingwindows_gradient.py`` (``--out_of_core``).
+
+``--out_of_core on`` runs every slide through :mod:`GeneSegNet.slide.outofcore`;
+``auto`` (default) does so when any slide exceeds ``--out_of_core_pixels`` (100 MP by
+default, where the in-memory pass needs about 1.8 GB). Per sample the run store
+``<save_dir>/label_<name>.zarr`` holds the blended field and the label image (zarr array
+``labels``, int32, 1024² chunks), and the heatmap TIFF is written as usual. Slides up to
+``in_memory_outputs`` pixels also get the usual files (label png/tif, mat, jpg, mapping);
+larger ones get ``label_<name>.tif`` (tiled BigTIFF, int32, streamed from the store) and
+a message naming the outputs skipped (they would need the whole label image in memory).
+
+With ``--dask_workers N`` (or ``--dask_scheduler``/``--slurm_jobs``) the window batches,
+field chunks and mask blocks run as dask tasks (:mod:`GeneSegNet.slide.distributed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from GeneSegNet.data.model_input import model_input_from_meta
+from GeneSegNet.errors import InputError
+from GeneSegNet.export.sample import SampleOutput, check_export_settings, write_sample_outputs
+from GeneSegNet.io import read_spots, spot_pixels
+from GeneSegNet.io.images import write_tiled_tiff
+from GeneSegNet.io.layout import channels_for
+from GeneSegNet.slide.files import HEATMAP_TILE, SlideSample, write_label_outputs
+from GeneSegNet.slide.outofcore import (
+    MaskSettings,
+    default_chunk,
+    label_tiles,
+    segment_slide_out_of_core,
+    store_path,
+)
+from GeneSegNet.slide.pipeline import (
+    SlideRunConfig,
+    block_halo,
+    slide_pixel_size,
+    slide_transcripts,
+)
+from GeneSegNet.slide.plan import plan_windows
+from GeneSegNet.slide.store import LazyImage, SlideStore, weights_digest
+from GeneSegNet.slide.windows import SpotIndex, heatmap_tiles
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutOfCoreConfig:
+    """mode : "auto", "on" or "off"; limit_pixels : the auto threshold (pixels);
+    in_memory_outputs : largest slide (pixels) that still gets png/mat/jpg and mapping;
+    chunk : store chunk edge (px), None: :func:`default_chunk`."""
+
+    mode: str = "auto"
+    limit_pixels: float = 1e8
+    in_memory_outputs: float = 1e8
+    chunk: int | None = None
+
+
+def image_channels(image_mode: str) -> int:
+    return 1 if image_mode == "gray" else 3
+
+
+def use_out_of_core(samples: list[SlideSample], ooc: OutOfCoreConfig, image_mode: str) -> bool:
+    """The ``--out_of_core`` decision (auto: any slide above ``limit_pixels``)."""
+    if ooc.mode in ("on", "off"):
+        return ooc.mode == "on"
+    for sample in samples:
+        if sample.image.suffix.lower() not in (".tif", ".tiff", ".zarr"):
+            continue  # png/jpg hold at most 2^31 px and are read whole anyway
+        shape = LazyImage(sample.image, image_channels(image_mode)).shape
+        if shape[0] * shape[1] > ooc.limit_pixels:
+            logger.info("%s: %d x %d px > %.3g px: out-of-core run", sample.image, shape[0],
+                        shape[1], ooc.limit_pixels)
+            return True
+    return False
+
+
+def load_spots(sample: SlideSample, shape: tuple[int, int], spot_scale: float, encode=None):
+    """(rows, cols, codes, table) of the spots inside an image of ``shape`` (as
+    :func:`GeneSegNet.slide.files.load_slide`, without reading the image)."""
+    empty = np.zeros(0, np.int32)
+    if sample.spots is None:
+        return empty, empty, None, None
+    table = read_spots(sample.spots, scale=spot_scale, strict=False)
+    x = table["x"].to_numpy(np.float64)
+    y = table["y"].to_numpy(np.float64)
+    rows, cols, inside = spot_pixels(x, y, shape)
+    if len(table) and not inside.any():
+        raise InputError(f"none of its {len(table)} spots lies inside the {shape[1]}×{shape[0]} "
+                         f"image {sample.image.name} (spot_scale {spot_scale})", sample.spots)
+    if not inside.all():
+        logger.warning("%s: %d of %d spots lie outside the image or are invalid; they are "
+                       "left out of the heatmap", sample.spots, int((~inside).sum()), len(table))
+    codes = None if encode is None else np.asarray(encode(table["gene"].to_numpy()))[inside]
+    return rows.astype(np.int32), cols.astype(np.int32), codes, table
+
+
+def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample],
+                           save_dir: Path, cfg: SlideRunConfig, ooc: OutOfCoreConfig, *,
+                           device, dask=None, progress: bool = True) -> list[tuple[str, int]]:
+    """Segment every sample out of core (module docstring); returns (name, cells) pairs.
+
+    ``dask``: a :class:`GeneSegNet.slide.distributed.DaskSettings`, or None (in process).
+    """
+    if cfg.slide.window_local or cfg.upstream_opening:
+        raise InputError("--out_of_core runs in global mode without --upstream_opening")
+    model_input = model_input_from_meta(meta)
+    image_mode = channels_for(net.config.nchan - model_input.n_transcripts + 1)
+    diams = {"diam_mean": meta["diam_mean"], "diam_labels": meta["diam_labels"]}
+    encode = None if model_input.embedding is None else model_input.embedding.encode
+    pixel_sizes = {s.name: slide_pixel_size(s.name, cfg, model_input) for s in samples}
+    if cfg.mapping:
+        check_export_settings(cfg.outputs, pixel_sizes)
+    images = {s.name: LazyImage(s.image, image_channels(image_mode)) for s in samples}
+    digest = weights_digest(net)
+    context = nullcontext(None)
+    if dask is not None:
+        from GeneSegNet.slide.distributed import dask_client
+
+        context = dask_client(dask)
+    done = []
+    with context as client:
+        for sample in samples:
+            start = time.perf_counter()
+            image = images[sample.name]
+            shape = image.shape[:2]
+            rows, cols, codes, table = load_spots(sample, shape, cfg.spot_scale, encode)
+            index = SpotIndex(rows, cols, shape, codes=codes)
+            transcripts = slide_transcripts(rows, cols, model_input, pixel_sizes[sample.name])
+            try:
+                plan = plan_windows(shape, cfg.slide, **diams,
+                                    size_multiple=net.config.size_multiple)
+            except ValueError as exc:
+                raise InputError(f"bad window settings: {exc}") from None
+            if cfg.write_heatmap:
+                write_tiled_tiff(save_dir / "HeatMap" / f"{sample.name}_gaumap.tif",
+                                 heatmap_tiles(index, cfg.slide.sigma, tile=HEATMAP_TILE),
+                                 shape, np.uint8, HEATMAP_TILE)
+            ev = cfg.slide.evaluation
+            ms = MaskSettings(cfg.block_size, block_halo(cfg, plan.diameter), ev.niter,
+                              ev.confidence_threshold, ev.flow_threshold, ev.min_size,
+                              ev.y_only_movers, ev.flow_target_mode)
+            settings = {"run": asdict(cfg), "masks": asdict(ms), "image": image.identity(),
+                        "spots": None if sample.spots is None else str(sample.spots),
+                        "weights": digest, "diams": diams, "device": str(device)}
+            store = SlideStore(store_path(save_dir, sample.name), shape, settings,
+                               cfg.slide.canvas_dtype, chunk=ooc.chunk or default_chunk(
+                                   cfg.slide.window))
+            executor = None
+            if client is not None:
+                from GeneSegNet.slide.distributed import DaskExecutor
+
+                executor = DaskExecutor(client, dask, str(device)).run
+            n_cells = segment_slide_out_of_core(
+                net, image, index, store, plan, cfg.slide, ms, device=device,
+                progress=progress, transcripts=transcripts, executor=executor)
+            _write_outputs(save_dir, sample.name, store, image, table, cfg, ooc,
+                           pixel_sizes[sample.name])
+            seconds = time.perf_counter() - start
+            logger.info("%s: %d cells in %.1f s (out of core) -> %s", sample.name, n_cells,
+                        seconds, store.path)
+            done.append((sample.name, n_cells))
+    return done
+
+
+def _write_outputs(save_dir: Path, name: str, store: SlideStore, image: LazyImage, table,
+                   cfg: SlideRunConfig, ooc: OutOfCoreConfig, pixel_size: float | None) -> None:
+    height, width = store.shape
+    if height * width > ooc.in_memory_outputs:
+        write_tiled_tiff(save_dir / f"label_{name}.tif", label_tiles(store.labels, 1024),
+                         store.shape, np.int32, 1024)
+        logger.warning("%s: %d x %d px is above %.3g px: wrote label_%s.tif (tiled) and the "
+                       "zarr labels in %s; label png/mat/jpg%s skipped (they need the whole "
+                       "label image in memory)", name, height, width, ooc.in_memory_outputs,
+                       name, store.path, " and mapping" if cfg.mapping else "")
+        return
+    labels = store.labels[:]
+    whole = image[:, :]
+    write_label_outputs(save_dir, name, labels, whole)
+    if cfg.mapping and table is not None:
+        export = SampleOutput(labels, whole, pixel_size, store.field[2].astype(np.float32),
+                              settings={"sample": name, **asdict(cfg)})
+        write_sample_outputs(export, table, save_dir / "mapping", name, cfg.outputs,
+                             out_of_bounds=cfg.out_of_bounds)
