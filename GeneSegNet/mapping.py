@@ -143,6 +143,29 @@ LABEL_SUFFIXES = RAW_LABEL_SUFFIXES
 SPOT_SUFFIXES = RAW_SPOT_SUFFIXES
 
 
+def label_spot_pairs(label_dir: str | Path, spot_dir: str | Path
+                     ) -> list[tuple[str, dict[str, Path]]]:
+    """``[(sample, {"labels": path, "spots": path})]``: label images and spot tables paired
+    by sample name (``label_<name>.png`` as written by inference pairs with ``<name>.csv``);
+    InputError for no spot tables or an unpaired file."""
+    from GeneSegNet.io import (
+        LABEL_EXTENSIONS,
+        SPOT_EXTENSIONS,
+        index_by_sample,
+        list_files,
+        pair_samples,
+    )
+
+    groups = {
+        "labels": index_by_sample(list_files(label_dir, LABEL_EXTENSIONS), LABEL_PREFIXES,
+                                  LABEL_SUFFIXES, prefer=LABEL_EXTENSIONS),
+        "spots": index_by_sample(list_files(spot_dir, SPOT_EXTENSIONS), (), SPOT_SUFFIXES),
+    }
+    if not groups["spots"]:
+        raise InputError("no spot tables found (expected .csv, .csv.gz or .parquet)", spot_dir)
+    return pair_samples(groups)
+
+
 def map_dataset(label_dir: str | Path, spot_dir: str | Path, save_dir: str | Path, *,
                 out_of_bounds: str = "background", spot_scale: float = 1.0,
                 progress: bool = False) -> list[tuple[Path, MappingResult]]:
@@ -154,24 +177,9 @@ def map_dataset(label_dir: str | Path, spot_dir: str | Path, save_dir: str | Pat
     """
     from tqdm import tqdm
 
-    from GeneSegNet.io import (
-        LABEL_EXTENSIONS,
-        SPOT_EXTENSIONS,
-        index_by_sample,
-        list_files,
-        pair_samples,
-        read_label,
-        read_spots,
-    )
+    from GeneSegNet.io import read_label, read_spots
 
-    groups = {
-        "labels": index_by_sample(list_files(label_dir, LABEL_EXTENSIONS), LABEL_PREFIXES,
-                                  LABEL_SUFFIXES, prefer=LABEL_EXTENSIONS),
-        "spots": index_by_sample(list_files(spot_dir, SPOT_EXTENSIONS), (), SPOT_SUFFIXES),
-    }
-    if not groups["spots"]:
-        raise InputError("no spot tables found (expected .csv, .csv.gz or .parquet)", spot_dir)
-    pairs = pair_samples(groups)
+    pairs = label_spot_pairs(label_dir, spot_dir)
     save_dir = Path(save_dir)
     results = []
     for name, paths in tqdm(pairs, desc="samples", disable=not progress):

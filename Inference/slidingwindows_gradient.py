@@ -200,9 +200,14 @@ def _check_paths(args: argparse.Namespace) -> None:
     check_output_not_input({"--save_dir": args.save_dir},
                            {**inputs, "--model_file": args.model_file})
     save_dir = args.save_dir
-    if save_dir.is_dir() and not args.overwrite and any(save_dir.iterdir()):
-        raise InputError("output folder exists and is not empty (use --overwrite to replace "
-                         "the files this script writes there)", save_dir)
+    if not save_dir.is_dir() or args.overwrite or not any(save_dir.iterdir()):
+        return
+    if (save_dir / CONFIG_NAME).is_file():  # an earlier run of this script: rerun / resume
+        logger.warning("%s holds an earlier run's outputs: those of the same names are "
+                       "replaced (an out-of-core store is resumed)", save_dir)
+        return
+    raise InputError("output folder exists, is not empty and was not written by this script "
+                     "(use --overwrite to write into it anyway)", save_dir)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@
    next run must succeed and clean the killed run's temporary files, and training resumed
    from its ``_last`` checkpoint may lose at most one epoch.
 3. SIGTERM during training: the last completed epoch is saved, nothing is lost.
-4. A full disk: a 256 KiB tmpfs as output folder (needs root; skipped otherwise).
+4. A full disk: a 16 KiB tmpfs as output folder (needs root; skipped otherwise).
 
 Verdicts: clear error / clean result / traceback / silent wrong / input changed / code
 executed / epochs lost (> 1). Usage::
@@ -218,7 +218,7 @@ def full_disk(work: Path, tally: Counter) -> None:
     mount = work / "tiny_disk"
     mount.mkdir()
     if os.geteuid() != 0 or subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True
     ).returncode != 0:
         logger.info("full disk: cannot mount a tmpfs here; skipped")
         return
@@ -230,12 +230,13 @@ def full_disk(work: Path, tally: Counter) -> None:
                            "--crop_size", "64"],
             "mapping": ["Analysis/generate_MappingRelationships.py", "--label_dir",
                         str(raw / "labels"), "--spot_dir", str(raw / "spots"), "--save_dir",
-                        str(mount / "mapping"), "--outputs", "csv,h5ad,geojson"],
+                        str(mount / "mapping"), "--outputs", "csv,h5ad,geojson",
+                        "--metadata_dir", str(raw)],
         }.items():
             done = _run(argv)
             verdict = ("input changed" if t.tree_hash(raw) != before else
                        "traceback" if "Traceback" in done.stderr else
-                       "clear error" if done.returncode == 2 and "space" in done.stderr else
+                       "clear error" if done.returncode == 2 and str(mount) in done.stderr else
                        "clean result" if done.returncode == 0 else "traceback")
             tally[verdict] += 1
             logger.info("full disk, %s: rc %d: %s", name, done.returncode, verdict)

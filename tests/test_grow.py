@@ -182,7 +182,7 @@ def test_merge_keeps_a_missed_cell_and_drops_an_empty_one():
                     _spots_in(previous == 4, 0.3, [0], rng))
     merged, counts = merge_with_previous(predicted, previous, spots[0], spots[1],
                                          pixel_size_um=0.5)
-    assert counts == {"kept": 2, "added_back": 2, "dropped": 1}
+    assert counts == {"kept": 2, "split": 0, "added_back": 2, "dropped": 1}
     assert set(np.unique(merged)) == {0, 1, 2, 3, 4}
     np.testing.assert_array_equal(merged > 0, (predicted > 0) | np.isin(previous, [2, 4]))
     assert len(np.unique(merged[10:30, 60:80])) == 1 and merged[20, 70] > 0
@@ -240,3 +240,24 @@ def test_growth_with_trimming_does_not_compound_over_rounds():
     assert abs(area[2] / area[1] - 1) < 0.05  # trimmed re-growth: about the same size
     assert area[3] > area[2]  # untrimmed re-growth only ever adds pixels
     assert len(np.unique(again)) >= len(np.unique(once))  # no cell lost
+
+
+def test_merge_undoes_the_models_merges_of_previous_cells():
+    """A predicted cell covering two previous cells is split between them (Voronoi inside
+    it); the count of cells does not drop."""
+    from GeneSegNet.training.grow import split_merged_cells
+    previous = np.zeros((20, 40), np.int32)
+    previous[5:15, 2:12], previous[5:15, 14:24], previous[5:15, 28:38] = 1, 2, 3
+    predicted = np.zeros_like(previous)
+    predicted[4:16, 1:25] = 1  # merges previous cells 1 and 2, and grows them
+    predicted[5:15, 28:38] = 2
+    out, added = split_merged_cells(predicted, previous, 0.2)
+    assert added == 1 and len(np.unique(out)) - 1 == 3
+    np.testing.assert_array_equal(out > 0, predicted > 0)  # the predicted extent is kept
+    assert np.all(out[previous == 1] == 1) and np.all(out[previous == 2] == 3)
+    assert np.all(out[:, 12] == np.where(predicted[:, 12] > 0, 1, 0))  # gap column: nearer 1
+    assert np.all(out[:, 13] == np.where(predicted[:, 13] > 0, 3, 0))  # nearer 2
+    labels, counts = merge_with_previous(predicted, previous, np.zeros(0), np.zeros(0),
+                                         pixel_size_um=1.0)
+    assert counts == {"kept": 2, "split": 1, "added_back": 0, "dropped": 0}
+    assert len(np.unique(labels)) - 1 == 3

@@ -166,7 +166,7 @@ def test_manifest_stats_match_the_written_labels(grow_run):
     assert rec["stats"]["median_area"] == pytest.approx(expect["median_area"])
     assert rec["stats"]["fraction_transcripts_in_cells"] == pytest.approx(expect["fraction"])
     assert rec["stats"]["n_transcripts"] == expect["n_spots"]
-    assert set(rec["merge"]) == {"kept", "added_back", "dropped"}
+    assert set(rec["merge"]) == {"kept", "split", "added_back", "dropped"}
     # round 2 trains on them
     assert on_disk["rounds"][1]["input_labels"]["train"] == rec["stats"]
     nuclei = _stats_from_files(root / "train", ["s0", "s1"], "labels")
@@ -227,7 +227,7 @@ def test_postprocess_grow_keeps_every_cell_and_grows_it(data):
     out = relabel.postprocess_pseudo_labels(crop.labels, 1, method="grow", min_size=20,
                                             crop=crop, pixel_size_um=PIXEL_UM,
                                             merge_counts=counts)  # fmt: skip
-    assert counts == {"kept": 3, "added_back": 0, "dropped": 0}
+    assert counts == {"kept": 3, "split": 0, "added_back": 0, "dropped": 0}
     for i in range(1, 4):
         nucleus = crop.labels == i
         assert np.unique(out[nucleus]).size == 1 and out[nucleus][0] > 0
@@ -276,6 +276,6 @@ def test_merge_keeps_missed_cells_without_growth_or_transcripts(data):
                                   "spot_genes": np.zeros(0, object), "pixel_size_um": None})
     out = relabel.postprocess_pseudo_labels(predicted, 1, method="merge", min_size=60,
                                             crop=no_spots, merge_counts=counts)
-    assert counts == {"kept": 1, "added_back": 2, "dropped": 0}
+    assert counts == {"kept": 1, "split": 0, "added_back": 2, "dropped": 0}
     assert len(np.unique(out)) - 1 == 3
     np.testing.assert_array_equal(out > 0, (predicted > 0) | (crop.labels > 0))  # not grown

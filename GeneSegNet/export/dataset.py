@@ -31,26 +31,16 @@ def export_dataset(label_dir: str | Path, spot_dir: str | Path, save_dir: str | 
     from GeneSegNet.export.sample import SampleOutput, check_export_settings, write_sample_outputs
     from GeneSegNet.io import (
         IMAGE_EXTENSIONS,
-        LABEL_EXTENSIONS,
-        SPOT_EXTENSIONS,
         index_by_sample,
         list_files,
-        pair_samples,
         read_image,
         read_label,
         read_spots,
     )
     from GeneSegNet.io.metadata import resolve_pixel_size
-    from GeneSegNet.mapping import LABEL_PREFIXES, LABEL_SUFFIXES, SPOT_SUFFIXES
+    from GeneSegNet.mapping import label_spot_pairs
 
-    groups = {
-        "labels": index_by_sample(list_files(label_dir, LABEL_EXTENSIONS), LABEL_PREFIXES,
-                                  LABEL_SUFFIXES, prefer=LABEL_EXTENSIONS),
-        "spots": index_by_sample(list_files(spot_dir, SPOT_EXTENSIONS), (), SPOT_SUFFIXES),
-    }
-    if not groups["spots"]:
-        raise InputError("no spot tables found (expected .csv, .csv.gz or .parquet)", spot_dir)
-    pairs = pair_samples(groups)
+    pairs = label_spot_pairs(label_dir, spot_dir)
     images = {} if image_dir is None else index_by_sample(list_files(image_dir,
                                                                      IMAGE_EXTENSIONS))
     pixel_sizes = {name: resolve_pixel_size(metadata_dir, name, pixel_size_um)

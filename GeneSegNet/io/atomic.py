@@ -83,6 +83,13 @@ def clean_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
+def _name_output(exc: BaseException, path: Path) -> None:
+    """Give an OSError without a file name (a full disk inside a library's writer) the
+    output's path, so that the one-line error names it."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = str(path)
+
+
 def _temp_name(name: str) -> str:
     return f"{TEMP_PREFIX}{_host()}.{os.getpid()}.{secrets.token_hex(4)}.{name}"
 
@@ -129,8 +136,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        _name_output(exc, path)
         raise
 
 
@@ -149,8 +157,9 @@ def staged_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
     stage = temp_dir(final)
     try:
         yield stage
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
+        _name_output(exc, final)
         raise
     if final.exists():
         trash = temp_dir(final, ".old")

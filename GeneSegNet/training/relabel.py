@@ -458,7 +458,8 @@ def relabel_dataset(
         raise ValueError("resolve the refinement method first (resolve_refine_method)")
     diam = {"diam_mean": float(meta["diam_mean"]), "diam_labels": float(meta["diam_labels"])}
     merging = rc.refine_method in (GROW_METHOD, MERGE_METHOD)
-    merge: dict[str, int] | None = {"kept": 0, "added_back": 0, "dropped": 0} if merging else None
+    merge: dict[str, int] | None = (
+        {"kept": 0, "split": 0, "added_back": 0, "dropped": 0} if merging else None)
 
     def make(crop: Crop) -> np.ndarray:
         pred = predict_crop(net, crop, eval_cfg, device=device, **diam)
