@@ -9,11 +9,12 @@ test images against the true cells for
   best of them (by AP@0.5, ties by transcripts in the right cell);
 - the starting labels grown by their transcripts (:func:`GeneSegNet.training.grow.grow_labels`,
   no network): the labels GeneSegNet's recursion starts from;
-- each trained model after each recursive round (whole-image inference):
-  ``genesegnet`` (image + transcript density + gene-identity channels, labels grown by the
-  transcripts between rounds), ``heatmap`` (upstream's max-of-Gaussians heatmap, upstream's
-  refinement) and ``image_only`` (transcript channels zeroed, no spots at inference,
-  upstream's refinement), all with the same budget.
+- each trained model after each recursive round (whole-image inference), all with the
+  same budget: ``genesegnet`` (image + transcript density + gene-identity channels, labels
+  grown by the transcripts between rounds); to isolate the network input, the same
+  relabelling with ``heatmap`` (upstream's max-of-Gaussians heatmap as the input) and
+  ``image_only`` (transcript channels zeroed, no spots at inference); and ``upstream``
+  (upstream's heatmap input and upstream's morphology relabelling: the original method).
 
 It also prints each transcript representation's saturation on the test images. Everything
 goes through the real scripts. Not a CI test: each model trains for minutes.
@@ -63,7 +64,7 @@ from preprocess import Generate_Image_Label_locationMap, simulate_tissue  # noqa
 MEASURES = ("AP@0.5", "AP@0.75", "AP@0.9", "right_cell", "background_in_cells", "recall@0.5")
 TRAIN_FLAGS = ["--all_channels", "--recursive_num", "2", "--learning_rate", "0.01",
                "--diameter", "0", "--relabel_min_size", "50", "--warm_start_rounds"]
-MODELS = ("genesegnet", "heatmap", "image_only")
+MODELS = ("genesegnet", "heatmap", "image_only", "upstream")
 
 
 def _check(code: int, what: str) -> None:
@@ -183,7 +184,7 @@ def train_and_score(model: str, args, crops: Path, raw: Path, names: list[str],
     run = out / f"run_{model}"
     flags = [*TRAIN_FLAGS, "--n_epochs", str(args.n_epochs), "--nbase", *map(str, args.nbase),
              "--train_tile_size", str(args.train_tile_size), "--diam_mean", str(args.diam_mean)]
-    if model != "genesegnet":
+    if model == "upstream":  # upstream's relabelling; the others grow labels with transcripts
         flags += ["--refine_method", "morphology"]
     start = time.perf_counter()
     _check(GeneSeg_train.main(["--train_dir", str(crops / "train"), "--val_dir",
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nbase", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--train_tile_size", type=int, default=112)
     parser.add_argument("--diam_mean", type=float, default=17.0)
-    parser.add_argument("--models", default="genesegnet,image_only",
+    parser.add_argument("--models", default="genesegnet,heatmap,image_only,upstream",
                         help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (stated)")
     parser.add_argument("--seed", type=int, default=0)
@@ -253,10 +254,13 @@ def main(argv: list[str] | None = None) -> int:
             rows += train_and_score(model, args, out / "crops_image_only", raw, names, out)
         else:
             heat = out / "crops_heatmap"
-            _check(Generate_Image_Label_locationMap.main([*prep, "--save_crop_dir", str(heat),
-                                                          "--transcript_input", "heatmap"]),
-                   "preprocessing (heatmap)")
-            rows += train_and_score(model, args, heat, raw, names, out)
+            if not heat.exists():
+                _check(Generate_Image_Label_locationMap.main(
+                    [*prep, "--save_crop_dir", str(heat), "--transcript_input", "heatmap"]),
+                    "preprocessing (heatmap)")
+            crops_model = out / f"crops_{model}"
+            shutil.copytree(heat, crops_model)
+            rows += train_and_score(model, args, crops_model, raw, names, out)
     print(f"\n{args.preset} preset; {args.n_epochs} epochs per round, network "
           f"{'/'.join(map(str, args.nbase))}, {args.threads} torch threads; held-out images "
           f"{', '.join(names)}; scores against the true cells")
