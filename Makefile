@@ -53,7 +53,7 @@ demo: $(STAMP)
 	@echo "  models and run record: $(DEMO)/train_run/models/, $(DEMO)/train_run/run_*.json"
 	@echo "  whole-image masks    : $(DEMO)/inference/label_<sample>.{png,mat}, label_plt_<sample>.jpg"
 	@echo "  transcript mapping   : $(DEMO)/inference/mapping/<sample>.csv (with confidence columns), <sample>_cell_by_gene.csv"
-	@echo "  result files         : $(DEMO)/inference/ (.h5ad, GeoJSON/GeoParquet polygons, Xenium Explorer inputs, QC pages, SpatialData where installed)"
+	@echo "  result files         : $(DEMO)/inference/mapping/ (<sample>.h5ad, <sample>_cells.geojson/.parquet, xenium/, <sample>_qc/qc.html, <sample>.zarr SpatialData where installed)"
 	@echo "  scores vs truth      : $(DEMO)/scores_{starting_labels,nuclei_expanded_5um,genesegnet}.csv"
 
 test: $(STAMP)

@@ -33,7 +33,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -182,26 +181,36 @@ def _test_root(raw: Path, names: list[str], out: Path, with_spots: bool) -> Path
 def train_and_score(model: str, args, crops: Path, raw: Path, names: list[str],
                     out: Path) -> list[tuple[str, dict]]:
     run = out / f"run_{model}"
+    test_root = out / f"test_{model}"
     flags = [*TRAIN_FLAGS, "--n_epochs", str(args.n_epochs), "--nbase", *map(str, args.nbase),
              "--train_tile_size", str(args.train_tile_size), "--diam_mean", str(args.diam_mean)]
     if model == "upstream":  # upstream's relabelling; the others grow labels with transcripts
         flags += ["--refine_method", "morphology"]
-    start = time.perf_counter()
-    _check(GeneSeg_train.main(["--train_dir", str(crops / "train"), "--val_dir",
-                               str(crops / "val"), "--save_model_dir", str(run), *flags]),
-           f"training {model}")
-    minutes = (time.perf_counter() - start) / 60
+    finished = [m for m in run.glob("run_*.json")
+                if json.loads(m.read_text()).get("status") == "finished"]
+    if not finished:  # (--resume: a finished run is reused)
+        _check(GeneSeg_train.main(["--train_dir", str(crops / "train"), "--val_dir",
+                                   str(crops / "val"), "--save_model_dir", str(run), *flags]),
+               f"training {model}")
     manifest = json.loads(max(run.glob("run_*.json")).read_text())
-    test_root = _test_root(raw, names, out / f"test_{model}", with_spots=model != "image_only")
+    minutes = sum(r["training"]["train_seconds"] for r in manifest["rounds"]) / 60
+    if not test_root.exists():
+        _test_root(raw, names, test_root, with_spots=model != "image_only")
     rows = []
     for n, record in enumerate(manifest["rounds"], start=1):
         save = out / f"pred_{model}_round{n}"
-        _check(slidingwindows_gradient.main(["--root_dir", str(test_root), "--save_dir",
-                                             str(save), "--model_file", record["model_used"],
-                                             "--diameter", "0"]), f"inference {model}")
+        if not save.exists():
+            _check(slidingwindows_gradient.main(
+                ["--root_dir", str(test_root), "--save_dir", str(save), "--model_file",
+                 record["model_used"], "--diameter", "0"]), f"inference {model}")
         scores = _score_labels(raw, names, lambda name, s=save: read_label(
             next(s.glob(f"label_{name}.*"))))
         rows.append((f"{model}, round {n} ({minutes:.1f} min training in all)", scores))
+        cells = record["relabelled"] or {}
+        print(f"  {model} round {n}: training labels {record['input_labels']['train']['n_cells']}"
+              f" cells; relabelled {cells.get('train', {}).get('n_cells', '-')}", flush=True)
+    print(f"  {model}: " + "  ".join(f"{m} {rows[-1][1][m]:.3f}" for m in MEASURES),
+          flush=True)
     return rows
 
 
@@ -221,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (stated)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse what an earlier run left in --out_dir (data, finished "
+                             "trainings, predictions)")
     return parser
 
 
@@ -232,16 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown models {sorted(unknown)}; choose from {MODELS}")
     out = args.out_dir
-    if out.exists():
-        raise SystemExit(f"{out} exists; choose another --out_dir or remove it")
+    if out.exists() and not args.resume:
+        raise SystemExit(f"{out} exists; choose another --out_dir, remove it or --resume")
     raw, crops = out / "raw", out / "crops"
-    _check(simulate_tissue.main(["--out_dir", str(raw), "--n_samples", str(args.n_samples),
-                                 "--seed", str(args.seed), "--preset", args.preset]),
-           "simulation")
+    if not raw.exists():
+        _check(simulate_tissue.main(["--out_dir", str(raw), "--n_samples", str(args.n_samples),
+                                     "--seed", str(args.seed), "--preset", args.preset]),
+               "simulation")
     prep = ["--base_dir", str(raw), "--n_crops", str(args.n_crops), "--crop_size",
             str(args.crop_size), "--split", *map(str, args.split)]
-    _check(Generate_Image_Label_locationMap.main([*prep, "--save_crop_dir", str(crops)]),
-           "preprocessing")
+    if not crops.exists():
+        _check(Generate_Image_Label_locationMap.main([*prep, "--save_crop_dir", str(crops)]),
+               "preprocessing")
     names = sorted(p.name for p in (crops / "test").iterdir() if p.is_dir())
     print(f"\n== {args.preset} preset, held-out test images {', '.join(names)}", flush=True)
     rows = baselines(raw, names)
@@ -250,16 +264,18 @@ def main(argv: list[str] | None = None) -> int:
         if model == "genesegnet":
             rows += train_and_score(model, args, crops, raw, names, out)
         elif model == "image_only":
-            _zero_transcripts(crops, out / "crops_image_only")
+            if not (out / "crops_image_only").exists():
+                _zero_transcripts(crops, out / "crops_image_only")
             rows += train_and_score(model, args, out / "crops_image_only", raw, names, out)
         else:
-            heat = out / "crops_heatmap"
+            heat = out / "crops_heatmap_input"
             if not heat.exists():
                 _check(Generate_Image_Label_locationMap.main(
                     [*prep, "--save_crop_dir", str(heat), "--transcript_input", "heatmap"]),
                     "preprocessing (heatmap)")
             crops_model = out / f"crops_{model}"
-            shutil.copytree(heat, crops_model)
+            if not crops_model.exists():
+                shutil.copytree(heat, crops_model)
             rows += train_and_score(model, args, crops_model, raw, names, out)
     print(f"\n{args.preset} preset; {args.n_epochs} epochs per round, network "
           f"{'/'.join(map(str, args.nbase))}, {args.threads} torch threads; held-out images "
