@@ -7,6 +7,7 @@ import pytest
 from skimage.segmentation import expand_labels
 
 from GeneSegNet.data.simulate import preset_config, simulate_tissue
+from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.metrics import average_precision, per_cell_best_iou
 from GeneSegNet.training.grow import GrowParams, grow_labels, label_stats, merge_with_previous
 
@@ -261,3 +262,34 @@ def test_merge_undoes_the_models_merges_of_previous_cells():
                                          pixel_size_um=1.0)
     assert counts == {"kept": 2, "split": 1, "added_back": 0, "dropped": 0}
     assert len(np.unique(labels)) - 1 == 3
+
+
+def test_pooled_growth_distance_is_found_from_few_transcripts_per_cell():
+    """Nuclei of radius 6 px in cells of radius 14 px (4 µm of cytoplasm at 0.5 µm/px),
+    ~10 transcripts per cell plus a sparse background: the pooled change point of the
+    density beyond the labels is the cytoplasm width, within one px."""
+    from GeneSegNet.training.grow import pooled_growth_um
+    rng = np.random.default_rng(0)
+    shape = (400, 400)
+    centres = [(r, c) for r in range(30, 400, 40) for c in range(30, 400, 40)]
+    labels, cells = np.zeros(shape, np.int32), np.zeros(shape, bool)
+    for i, (r, c) in enumerate(centres, start=1):
+        labels[_disc(shape, r, c, 6)] = i
+        cells |= _disc(shape, r, c, 14)
+    ring = cells & (labels == 0)
+    rows, cols, _ = _concat(_spots_in(ring, 10 / (np.pi * (14 ** 2 - 6 ** 2)), [0], rng),
+                            _spots_in(~cells, 0.0005, [0], rng))
+    rows, cols = np.floor(rows).astype(int), np.floor(cols).astype(int)
+    grown_um = pooled_growth_um(labels, rows, cols, 0.5, GrowParams(max_growth_um=8.0))
+    assert abs(grown_um - 4.0) <= 0.5
+
+
+def test_borders_go_by_distance_when_cells_hold_few_transcripts():
+    from GeneSegNet.training.grow import border_by_distance
+    params = GrowParams(max_growth_um=5.0, min_transcripts_per_cell=40)  # disc: 78.5 µm²
+    assert border_by_distance(0.05, params) and border_by_distance(0.3, params)
+    assert not border_by_distance(1.0, params)
+    assert not border_by_distance(0.05, GrowParams(border_mode="transcripts"))
+    assert border_by_distance(5.0, GrowParams(border_mode="distance"))
+    with pytest.raises(InputError):
+        border_by_distance(1.0, GrowParams(border_mode="voronoi"))

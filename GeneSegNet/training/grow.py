@@ -76,6 +76,12 @@ class GrowParams:
     # foreground pixels; a cell without such a core is kept whole. So growth does not
     # compound over rounds, and no cell vanishes.
     trim_to_foreground: bool = False
+    # Borders between touching cells: "transcripts" places them by the cells' assigned
+    # transcripts (gene profile and distance); "distance" by distance alone (nearest cell,
+    # as a plain expansion does), for data too sparse to place a border; "auto" takes
+    # "distance" when a typical cell holds fewer than min_transcripts_per_cell.
+    border_mode: str = "auto"
+    min_transcripts_per_cell: float = 40.0
 
     @property
     def distance_scale_um(self) -> float:
@@ -85,6 +91,9 @@ class GrowParams:
     def to_dict(self) -> dict[str, float | int | None]:
         """Plain dict of every constant (for the run manifest)."""
         return asdict(self)
+
+
+BORDER_MODES = ("auto", "transcripts", "distance")
 
 
 @dataclass(frozen=True)
@@ -310,7 +319,7 @@ def _fill_small_holes(grown: np.ndarray, max_area_px: float) -> np.ndarray:
 def _grow_once(labels: np.ndarray, territory: np.ndarray, dist_um: np.ndarray,
                colour: np.ndarray, foreground: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                cell_of_spot: np.ndarray, sigma_px: float, params: GrowParams,
-               pixel_size_um: float) -> np.ndarray:
+               pixel_size_um: float, distance_only: bool = False) -> np.ndarray:
     """Label the foreground pixels within reach; (H, W) int64.
 
     Among the cells that reach a pixel, the one with the highest smoothed density of its
@@ -318,6 +327,18 @@ def _grow_once(labels: np.ndarray, territory: np.ndarray, dist_um: np.ndarray,
     wins; it takes the pixel if its (unweighted) density beats that of the unclaimed
     spots."""
     shape = labels.shape
+    if distance_only:  # nearest cell within reach, inside the foreground
+        grown = np.zeros(shape, dtype=np.int64)
+        best = np.full(shape, np.inf)
+        for k in range(territory.shape[0]):
+            win = (territory[k] > 0) & (dist_um[k] < best)
+            grown[win] = territory[k][win]
+            best[win] = dist_um[k][win]
+        grown[labels > 0] = labels[labels > 0]  # no foreground cut: too noisy this sparse
+        grown = _keep_connected(grown, labels)
+        grown = _fill_small_holes(grown, params.max_hole_area_um2 / pixel_size_um ** 2)
+        grown[labels > 0] = labels[labels > 0]
+        return grown
     unclaimed = _counts(rows[cell_of_spot == 0], cols[cell_of_spot == 0], shape)
     unclaimed = ndimage.gaussian_filter(unclaimed, sigma_px)
     best_score = np.zeros(shape)
@@ -381,6 +402,49 @@ def _new_cells(grown: np.ndarray, foreground: np.ndarray, counts: np.ndarray,
     return new_id[dense]
 
 
+def border_by_distance(cell_per_um2: float, params: GrowParams) -> bool:
+    """Whether borders between touching cells go by distance alone (``params.border_mode``;
+    "auto": when a disc of radius ``max_growth_um`` at the in-cell density holds fewer
+    than ``min_transcripts_per_cell`` transcripts, too few to place a border)."""
+    if params.border_mode not in BORDER_MODES:
+        raise InputError(f"border_mode must be one of {BORDER_MODES}, got {params.border_mode!r}")
+    if params.border_mode != "auto":
+        return params.border_mode == "distance"
+    expected = cell_per_um2 * np.pi * params.max_growth_um ** 2
+    return not expected >= params.min_transcripts_per_cell
+
+
+def pooled_growth_um(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                     pixel_size_um: float, params: GrowParams, step_um: float = 0.25) -> float:
+    """How far cells extend beyond their labels, from the transcripts of all cells pooled.
+
+    Transcripts are counted in rings at distance d outside the labels, in steps of
+    ``step_um`` out to ``max_growth_um + background_margin_um``. Cells end where the
+    density changes from the in-cell rate to the background rate: the growth distance R
+    is the change point of a two-rate Poisson model (the R that maximises
+    ``N1 log(N1/A1) + N2 log(N2/A2)`` with counts N and areas A inside and beyond R, the
+    inner rate higher), at most ``max_growth_um``. Pooled over every cell, it is stable
+    even at a few transcripts per cell. Spots: int pixel (rows, cols) inside the image.
+    """
+    outside = ndimage.distance_transform_edt(labels == 0) * pixel_size_um  # µm
+    reach = params.max_growth_um + params.background_margin_um
+    edges = np.arange(step_um, reach + step_um / 2, step_um)
+    ring = np.searchsorted(edges, outside, side="left")  # k: (edges[k-1], edges[k]]
+    ring[labels > 0] = edges.size  # labelled pixels: not counted
+    n = np.bincount(ring[rows, cols], minlength=edges.size + 1)[:edges.size].astype(float)
+    a = np.bincount(ring.ravel(), minlength=edges.size + 1)[:edges.size] * pixel_size_um ** 2
+    n1, a1 = np.cumsum(n), np.cumsum(a)
+    n2, a2 = n1[-1] - n1, a1[-1] - a1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate1, rate2 = n1 / a1, n2 / a2
+        ll = (np.where(n1 > 0, n1 * np.log(rate1), 0.0)
+              + np.where(n2 > 0, n2 * np.log(rate2), 0.0))
+    ok = (edges <= params.max_growth_um + 1e-9) & (a1 > 0) & (a2 > 0) & (rate1 > rate2)
+    if not ok.any():
+        return float(params.max_growth_um)
+    return float(edges[np.flatnonzero(ok)[np.argmax(ll[ok])]])
+
+
 def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
                 gene_codes: np.ndarray, *, pixel_size_um: float,
                 params: GrowParams = GrowParams()) -> np.ndarray:
@@ -423,6 +487,10 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
     n_ids = int(labels.max()) + 1
     n_genes = int(genes.max()) + 1 if genes.size else 1
     reach_px = params.max_growth_um / pixel_size_um
+    distance_only = border_by_distance(levels.cell_per_um2, params)
+    if distance_only:  # too sparse for per-cell borders: grow as far as the pooled profile
+        reach_um = pooled_growth_um(labels, rows, cols, pixel_size_um, params)
+        reach_px = reach_um / pixel_size_um
     colour, n_colours = _colour_cells(labels, reach_px)
     territory, dist_px = _territories(labels, colour, n_colours, reach_px)
     spot_ids = territory[:, rows, cols].T.astype(np.int64)  # (N, K)
@@ -437,12 +505,13 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
         cell_of_spot = _assign(labels, spot_ids, spot_dist_um, rows, cols, genes, log_p,
                                params)
         grown = _grow_once(labels, territory, dist_um, colour, foreground, rows, cols, cell_of_spot,
-                           sigma_px, params, pixel_size_um)
+                           sigma_px, params, pixel_size_um, distance_only=distance_only)
     new = _new_cells(grown, foreground, counts, pixel_size_um, params)
     out = np.where(new > 0, new + (n_ids - 1), grown)
     logger.info("grow_labels: %d input cells, %d new cells; density /µm² cell %.3g, "
-                "background %.3g", len(np.unique(labels)) - 1, int(new.max()),
-                levels.cell_per_um2, levels.background_per_um2)
+                "background %.3g; borders by %s", len(np.unique(labels)) - 1, int(new.max()),
+                levels.cell_per_um2, levels.background_per_um2,
+                "distance" if distance_only else "transcripts")
     return out.astype(np.int32)
 
 
