@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="apply upstream's grey-level 5x5 opening to the label image",
     )
+    masks.add_argument(
+        "--no_transcript_refine",
+        action="store_true",
+        help="keep the network's cells as they are; by default, with a density model, "
+             "spots and a pixel size, each cell is trimmed to and grown into the territory "
+             "its transcripts support, as between training rounds",
+    )
     out = parser.add_argument_group("outputs")
     out.add_argument(
         "--mapping",
@@ -186,6 +193,7 @@ def _run_config(args: argparse.Namespace, meta: dict):
         out_of_bounds=args.out_of_bounds,
         write_heatmap=not args.no_heatmap,
         upstream_opening=args.upstream_opening,
+        transcript_refine=not args.no_transcript_refine,
         pixel_size_um=args.pixel_size,
         metadata_dir=args.root_dir,
     )

@@ -206,6 +206,16 @@ def train_and_score(model: str, args, crops: Path, raw: Path, names: list[str],
         scores = _score_labels(raw, names, lambda name, s=save: read_label(
             next(s.glob(f"label_{name}.*"))))
         rows.append((f"{model}, round {n} ({minutes:.1f} min training in all)", scores))
+        if model == "genesegnet" and n == len(manifest["rounds"]):  # the network's cells alone
+            raw_save = out / f"pred_{model}_round{n}_network_only"
+            if not raw_save.exists():
+                _check(slidingwindows_gradient.main(
+                    ["--root_dir", str(test_root), "--save_dir", str(raw_save), "--model_file",
+                     record["model_used"], "--diameter", "0", "--no_transcript_refine"]),
+                    f"inference {model} (network only)")
+            rows.append((f"{model}, round {n}, network cells without inference refinement",
+                         _score_labels(raw, names, lambda name, s=raw_save: read_label(
+                             next(s.glob(f"label_{name}.*"))))))
         cells = record["relabelled"] or {}
         print(f"  {model} round {n}: training labels {record['input_labels']['train']['n_cells']}"
               f" cells; relabelled {cells.get('train', {}).get('n_cells', '-')}", flush=True)

@@ -51,6 +51,9 @@ class SlideRunConfig:
     out_of_bounds : "background" or "drop", for spots outside the image (mapping).
     write_heatmap : write the heatmap (one tiled TIFF, or per window when window-local).
     upstream_opening : upstream's grey-level 5×5 opening of the label image.
+    transcript_refine : with a density model, spots and a pixel size, trim each cell to
+        and grow it into the territory its transcripts support
+        (:func:`refine_with_transcripts`), as the relabelling between training rounds does.
     pixel_size_um : µm/px of every slide (``--pixel_size``); must agree with a slide's
         metadata file ``<metadata_dir>/metadata/<sample>.json`` when both exist.
     metadata_dir : the folder holding ``metadata/`` (the inference ``--root_dir``).
@@ -66,6 +69,7 @@ class SlideRunConfig:
     out_of_bounds: str = "background"
     write_heatmap: bool = True
     upstream_opening: bool = False
+    transcript_refine: bool = True
     pixel_size_um: float | None = None
     metadata_dir: Path | None = None
     outputs: tuple[str, ...] = ("csv",)
@@ -157,6 +161,23 @@ def slide_transcripts(rows: np.ndarray, cols: np.ndarray, model_input: ModelInpu
     scale = slide_density_scale(rows, cols, pixel_size_um=pixel_size_um,
                                 sigma_um=tcfg.sigma_um)
     return SlideTranscripts(tcfg, model_input.embedding, pixel_size_um, scale)
+
+
+def refine_with_transcripts(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                            codes: np.ndarray | None, pixel_size_um: float) -> np.ndarray:
+    """The network's cells (int [H, W]) trimmed to and grown into their transcripts'
+    territory (:func:`GeneSegNet.training.grow.grow_labels` with ``trim_to_foreground``;
+    transcript-dense regions without a cell become cells). Spots: int pixel (rows, cols)
+    inside the image; ``codes``: the model's gene codes (-1 unknown; None: one gene).
+    Returns int32 [H, W], cells 1..K."""
+    from GeneSegNet.dynamics.masks import renumber
+    from GeneSegNet.training.grow import GrowParams, grow_labels
+
+    genes = np.zeros(len(rows), np.int64) if codes is None else np.asarray(codes) + 1
+    grown = grow_labels(labels, np.asarray(rows) + 0.5, np.asarray(cols) + 0.5, genes,
+                        pixel_size_um=pixel_size_um,
+                        params=GrowParams(trim_to_foreground=True))
+    return renumber(grown, order="first")
 
 
 def _write_config(path: Path, cfg: SlideRunConfig, extra: dict[str, Any]) -> None:
@@ -252,6 +273,9 @@ def run_slides(
             cellprob_sink=(lambda a: kept.append(np.array(a)))
             if cfg.mapping and inputs.table is not None else None,
         )
+        if cfg.transcript_refine and transcripts is not None and len(inputs.rows):
+            labels = refine_with_transcripts(labels, inputs.rows, inputs.cols, inputs.codes,
+                                             transcripts.pixel_size_um)
         write_label_outputs(save_dir, sample.name, labels, inputs.image)
         if cfg.mapping and inputs.table is not None:
             export = SampleOutput(labels, inputs.image, pixel_sizes[sample.name],
