@@ -9,7 +9,8 @@ from skimage.segmentation import expand_labels
 from GeneSegNet.data.simulate import preset_config, simulate_tissue
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.metrics import average_precision, per_cell_best_iou
-from GeneSegNet.training.grow import GrowParams, grow_labels, label_stats, merge_with_previous
+from GeneSegNet.training.grow import GrowParams, grow_labels
+from GeneSegNet.training.merge import label_stats, merge_with_previous
 
 
 def _spots_in(mask: np.ndarray, per_px: float, genes: list[int], rng: np.random.Generator
@@ -246,7 +247,7 @@ def test_growth_with_trimming_does_not_compound_over_rounds():
 def test_merge_undoes_the_models_merges_of_previous_cells():
     """A predicted cell covering two previous cells is split between them (Voronoi inside
     it); the count of cells does not drop."""
-    from GeneSegNet.training.grow import split_merged_cells
+    from GeneSegNet.training.merge import split_merged_cells
     previous = np.zeros((20, 40), np.int32)
     previous[5:15, 2:12], previous[5:15, 14:24], previous[5:15, 28:38] = 1, 2, 3
     predicted = np.zeros_like(previous)

@@ -117,7 +117,7 @@ class RelabelRecord:
     """Refined labels written for one dataset (train or val) after a round (or, as
     round 0, the grown starting labels). ``method``: the relabelling used; ``stats``: of
     the written labels; ``merge``: summed counts of
-    :func:`GeneSegNet.training.grow.merge_with_previous` (``kept``, ``added_back``,
+    :func:`GeneSegNet.training.merge.merge_with_previous` (``kept``, ``added_back``,
     ``dropped``) for method ``"grow"`` after a round, else None."""
 
     n_crops: int
