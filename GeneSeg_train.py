@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("auto", "grow", "merge", "morphology", "fast", "levelset"),
                    default="auto", help="relabelling between rounds: grow = merge the prediction "
                    "with the previous labels and grow them along the transcripts "
-                   "(GeneSegNet.training.grow; needs µm: sample info or --pixel_size); merge = "
+                   "(GeneSegNet.growth.grow; needs µm: sample info or --pixel_size); merge = "
                    "the prediction plus the previous cells it missed, no growth; "
                    "upstream's refinements (GeneSegNet.training.refine): morphology = the §6.2 "
                    "rule, quickest; fast = exact level-set result (slow for small cells); "
@@ -115,9 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _configs(args: argparse.Namespace):
     from GeneSegNet.cli.args import eval_config_from_args, output_options_from_args
     from GeneSegNet.errors import InputError
+    from GeneSegNet.growth.grow import GrowParams
     from GeneSegNet.model.net import NetConfig
     from GeneSegNet.training.config import RecursiveConfig, TrainConfig
-    from GeneSegNet.training.grow import GrowParams
 
     try:
         net = NetConfig(nchan=args.chan, residual_on=bool(args.residual_on),

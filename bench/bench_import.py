@@ -25,7 +25,7 @@ import numpy as np
 CHILD = """
 import json, sys
 from bench.common import peak_rss_mb
-from GeneSegNet.io.vendors import import_bundle, open_bundle
+from GeneSegNet.vendors import import_bundle, open_bundle
 bundle, base, comp = sys.argv[1], sys.argv[2], sys.argv[3]
 res = import_bundle(open_bundle("xenium", bundle=bundle), base, "bench", overwrite=True,
                     compression=None if comp == "none" else comp)

@@ -7,7 +7,7 @@ test images against the true cells for
 - the starting labels;
 - the starting labels expanded by d µm, d = 0, 1, ..., 10 (what vendors ship), and the
   best of them (by AP@0.5, ties by transcripts in the right cell);
-- the starting labels grown by their transcripts (:func:`GeneSegNet.training.grow.grow_labels`,
+- the starting labels grown by their transcripts (:func:`GeneSegNet.growth.grow.grow_labels`,
   no network): the labels GeneSegNet's recursion starts from;
 - each trained model after each recursive round (whole-image inference), all with the
   same budget: ``genesegnet`` (image + transcript density + gene-identity channels, labels
@@ -54,9 +54,9 @@ from GeneSegNet.data.transcripts import (  # noqa: E402
     write_transcript_channels,
 )
 from GeneSegNet.evaluation.truth import score_sample  # noqa: E402
+from GeneSegNet.growth.grow import grow_labels  # noqa: E402
 from GeneSegNet.io import read_image, read_label, read_spots, spot_pixels  # noqa: E402
 from GeneSegNet.io.metadata import metadata_path, read_metadata  # noqa: E402
-from GeneSegNet.training.grow import grow_labels  # noqa: E402
 from Inference import slidingwindows_gradient  # noqa: E402
 from preprocess import Generate_Image_Label_locationMap, simulate_tissue  # noqa: E402
 

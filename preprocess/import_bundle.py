@@ -1,5 +1,5 @@
 """Import a vendor's output folder into the raw layout; the options and the logic live in
-GeneSegNet/commands/import_bundle.py and GeneSegNet/io/vendors/."""
+GeneSegNet/commands/import_bundle.py and GeneSegNet/vendors/."""
 
 from __future__ import annotations
 

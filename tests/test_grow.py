@@ -1,4 +1,4 @@
-"""Tests of the transcript-guided label growth (GeneSegNet.training.grow)."""
+"""Tests of the transcript-guided label growth (GeneSegNet.growth.grow)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from skimage.segmentation import expand_labels
 from GeneSegNet.data.simulate import preset_config, simulate_tissue
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.metrics import average_precision, per_cell_best_iou
-from GeneSegNet.training.grow import GrowParams, grow_labels
-from GeneSegNet.training.merge import label_stats, merge_with_previous
+from GeneSegNet.growth.grow import GrowParams, grow_labels
+from GeneSegNet.growth.merge import label_stats, merge_with_previous
 
 
 def _spots_in(mask: np.ndarray, per_px: float, genes: list[int], rng: np.random.Generator
@@ -213,7 +213,7 @@ def test_params_to_dict_has_units():
 
 
 def test_trim_to_foreground_cuts_overreach_keeps_cores_and_thin_cells():
-    from GeneSegNet.training.grow import trim_to_foreground
+    from GeneSegNet.growth.grow import trim_to_foreground
     shape = (60, 120)
     true = _disc(shape, 30, 30, 12)
     labels = np.zeros(shape, np.int32)
@@ -247,7 +247,7 @@ def test_growth_with_trimming_does_not_compound_over_rounds():
 def test_merge_undoes_the_models_merges_of_previous_cells():
     """A predicted cell covering two previous cells is split between them (Voronoi inside
     it); the count of cells does not drop."""
-    from GeneSegNet.training.merge import split_merged_cells
+    from GeneSegNet.growth.merge import split_merged_cells
     previous = np.zeros((20, 40), np.int32)
     previous[5:15, 2:12], previous[5:15, 14:24], previous[5:15, 28:38] = 1, 2, 3
     predicted = np.zeros_like(previous)
@@ -269,7 +269,7 @@ def test_pooled_growth_distance_is_found_from_few_transcripts_per_cell():
     """Nuclei of radius 6 px in cells of radius 14 px (4 µm of cytoplasm at 0.5 µm/px),
     ~10 transcripts per cell plus a sparse background: the pooled change point of the
     density beyond the labels is the cytoplasm width, within one px."""
-    from GeneSegNet.training.grow import pooled_growth_um
+    from GeneSegNet.growth.grow import pooled_growth_um
     rng = np.random.default_rng(0)
     shape = (400, 400)
     centres = [(r, c) for r in range(30, 400, 40) for c in range(30, 400, 40)]
@@ -286,7 +286,7 @@ def test_pooled_growth_distance_is_found_from_few_transcripts_per_cell():
 
 
 def test_borders_go_by_distance_when_cells_hold_few_transcripts():
-    from GeneSegNet.training.grow import border_by_distance
+    from GeneSegNet.growth.grow import border_by_distance
     params = GrowParams(max_growth_um=5.0, min_transcripts_per_cell=40)  # disc: 78.5 µm²
     assert border_by_distance(0.05, params) and border_by_distance(0.3, params)
     assert not border_by_distance(1.0, params)

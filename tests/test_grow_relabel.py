@@ -21,12 +21,12 @@ from scipy import ndimage
 
 from GeneSegNet.data.dataset import load_dataset
 from GeneSegNet.errors import InputError
+from GeneSegNet.growth.grow import GrowParams
 from GeneSegNet.io import read_label, read_spots, write_image, write_label
 from GeneSegNet.model.net import NetConfig
 from GeneSegNet.model.predict import EvalConfig
 from GeneSegNet.training import relabel
 from GeneSegNet.training.config import RecursiveConfig, TrainConfig
-from GeneSegNet.training.grow import GrowParams
 from GeneSegNet.training.recursive import run_recursive_training
 
 NET = NetConfig(nbase=(8, 16), diam_mean=20.0)

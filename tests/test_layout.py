@@ -110,3 +110,37 @@ def test_scripts_and_benchmarks_import_names_the_package_has():
                             and not (hasattr(module, "__path__") and importlib.util.find_spec(
                                 f"{node.module}.{alias.name}") is not None)]
     assert not missing, f"imported names that do not exist: {missing}"
+
+
+def _subpackage_imports() -> dict[str, set[str]]:
+    """{first-level part of GeneSegNet: the other first-level parts it imports}."""
+    edges: dict[str, set[str]] = defaultdict(set)
+    for path in _modules():
+        rel = path.relative_to(PACKAGE).parts
+        source = rel[0] if len(rel) > 1 else rel[0].removesuffix(".py")
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.ImportFrom) and node.module and \
+                    node.module.startswith("GeneSegNet."):
+                target = node.module.split(".")[1]
+                if target != source:
+                    edges[source].add(target)
+    return edges
+
+
+def test_subpackages_import_one_way():
+    edges = _subpackage_imports()
+
+    def reachable(start: str) -> set[str]:
+        seen, stack = set(), [start]
+        while stack:
+            for nxt in edges.get(stack.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return seen
+
+    assert not [s for s in edges if s in reachable(s)], f"import cycle among {dict(edges)}"
+    foundations = {"io", "data", "dynamics", "model", "growth"}
+    stages = {"slide", "training", "evaluation", "export", "vendors", "cli", "commands", "api"}
+    upward = {s: edges[s] & stages for s in foundations if edges[s] & stages}
+    assert not upward, f"foundations import the stages built on them: {upward}"

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         from GeneSegNet.errors import InputError
         from GeneSegNet.io.paths import check_output_not_input, check_sample_name, raw_input_folders
-        from GeneSegNet.io.vendors import import_bundle, open_bundle
+        from GeneSegNet.vendors import import_bundle, open_bundle
 
         if args.platform != "generic" and args.bundle is None:
             raise InputError(f"{args.platform}: give the vendor's output folder")

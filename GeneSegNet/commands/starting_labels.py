@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         from GeneSegNet.io.images import write_label
         from GeneSegNet.io.metadata import metadata_path, read_metadata
         from GeneSegNet.io.paths import check_output_not_input, check_sample_name
-        from GeneSegNet.io.vendors import NUCLEI_DIR, open_bundle, write_ids
-        from GeneSegNet.io.vendors.common import Staging
+        from GeneSegNet.vendors import NUCLEI_DIR, open_bundle, write_ids
+        from GeneSegNet.vendors.common import Staging
 
         check_sample_name(args.sample)
         check_output_not_input({"--base_dir labels/": args.base_dir / "labels"},

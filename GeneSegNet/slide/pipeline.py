@@ -166,12 +166,12 @@ def slide_transcripts(rows: np.ndarray, cols: np.ndarray, model_input: ModelInpu
 def refine_with_transcripts(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                             codes: np.ndarray | None, pixel_size_um: float) -> np.ndarray:
     """The network's cells (int [H, W]) trimmed to and grown into their transcripts'
-    territory (:func:`GeneSegNet.training.grow.grow_labels` with ``trim_to_foreground``;
+    territory (:func:`GeneSegNet.growth.grow.grow_labels` with ``trim_to_foreground``;
     transcript-dense regions without a cell become cells). Spots: int pixel (rows, cols)
     inside the image; ``codes``: the model's gene codes (-1 unknown; None: one gene).
     Returns int32 [H, W], cells 1..K."""
     from GeneSegNet.dynamics.masks import renumber
-    from GeneSegNet.training.grow import GrowParams, grow_labels
+    from GeneSegNet.growth.grow import GrowParams, grow_labels
 
     genes = np.zeros(len(rows), np.int64) if codes is None else np.asarray(codes) + 1
     grown = grow_labels(labels, np.asarray(rows) + 0.5, np.asarray(cols) + 0.5, genes,

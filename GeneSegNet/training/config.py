@@ -14,12 +14,12 @@ from GeneSegNet.data.transforms import HeatmapMode, check_heatmap_mode
 from GeneSegNet.dynamics.flow_targets import DEFAULT_FLOW_TARGET_MODE, check_mode
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.test_pass import OutputOptions
+from GeneSegNet.growth.grow import GrowParams
 from GeneSegNet.io import layout as lay
-from GeneSegNet.training.grow import GrowParams
 from GeneSegNet.training.refine import METHODS as REFINE_METHODS
 
 RELABEL_MIN_SIZE = 300  # px: refined labels drop smaller cells (upstream's min_size)
-GROW_METHOD = "grow"  # transcript-driven relabelling (GeneSegNet.training.grow)
+GROW_METHOD = "grow"  # transcript-driven relabelling (GeneSegNet.growth.grow)
 # the model's cells plus the previous cells it missed, no growth (needs no transcripts)
 MERGE_METHOD = "merge"
 AUTO_METHOD = "auto"  # grow when every crop has spots and a pixel size, else the fallback

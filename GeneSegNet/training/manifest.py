@@ -4,7 +4,7 @@
 :class:`RoundRecord` per finished round; ``to_dict()`` gives the JSON written after every
 round (keys: ``run_id``, ``version``, ``started``, ``status``, ``config``, ``rounds``, and
 ``start_labels`` / ``resumed`` / ``finished`` when they apply; ``config.grow_params`` holds
-the growth constants, :meth:`GeneSegNet.training.grow.GrowParams.to_dict`). A resumed run
+the growth constants, :meth:`GeneSegNet.growth.grow.GrowParams.to_dict`). A resumed run
 reads its manifest back with :meth:`RunManifest.load`.
 """
 
@@ -117,7 +117,7 @@ class RelabelRecord:
     """Refined labels written for one dataset (train or val) after a round (or, as
     round 0, the grown starting labels). ``method``: the relabelling used; ``stats``: of
     the written labels; ``merge``: summed counts of
-    :func:`GeneSegNet.training.merge.merge_with_previous` (``kept``, ``added_back``,
+    :func:`GeneSegNet.growth.merge.merge_with_previous` (``kept``, ``added_back``,
     ``dropped``) for method ``"grow"`` after a round, else None."""
 
     n_crops: int

@@ -6,9 +6,9 @@ place where the refinement method is chosen), fill holes / drop small cells agai
 renumber, and write ``<sample>/<refined_name>/<label file name>``.
 
 Method ``"grow"`` (:func:`grow_round_labels`): the prediction is merged with the crop's
-previous labels (:func:`GeneSegNet.training.merge.merge_with_previous`: a previous cell
+previous labels (:func:`GeneSegNet.growth.merge.merge_with_previous`: a previous cell
 survives unless the model and the transcripts both reject it), then grown along the
-crop's transcripts (:func:`GeneSegNet.training.grow.grow_labels`); no cell is dropped
+crop's transcripts (:func:`GeneSegNet.growth.grow.grow_labels`); no cell is dropped
 after the hook. Before round 1 the starting labels can be grown too
 (:func:`grow_start_labels`, written as round 0's refined labels). ``"auto"`` resolves to
 ``"grow"`` when every crop has spots and a pixel size (:func:`resolve_refine_method`).
@@ -41,6 +41,8 @@ import GeneSegNet
 from GeneSegNet.data.dataset import Crop, sample_folders
 from GeneSegNet.dynamics.masks import fill_holes_and_remove_small_masks, renumber
 from GeneSegNet.errors import InputError
+from GeneSegNet.growth.grow import GrowParams, grow_labels
+from GeneSegNet.growth.merge import label_stats, merge_with_previous
 from GeneSegNet.io import staged_directory, write_label
 from GeneSegNet.io.records import write_json
 from GeneSegNet.model.predict import EvalConfig, predict_crop
@@ -52,9 +54,7 @@ from GeneSegNet.training.config import (
     RELABEL_MIN_SIZE,
     RecursiveConfig,
 )
-from GeneSegNet.training.grow import GrowParams, grow_labels
 from GeneSegNet.training.manifest import LabelSetStats, RelabelRecord
-from GeneSegNet.training.merge import label_stats, merge_with_previous
 from GeneSegNet.training.refine import refine_labels
 
 logger = logging.getLogger(__name__)
@@ -116,10 +116,10 @@ def grow_round_labels(
     labels the round trained on (the previous round's labels of this crop). The merge
     keeps every predicted cell and adds back every previous cell the model missed unless
     its transcript density is at background level
-    (:func:`GeneSegNet.training.merge.merge_with_previous`); the result then grows into
+    (:func:`GeneSegNet.growth.merge.merge_with_previous`); the result then grows into
     the territory its transcripts support (trimmed to it first: cells keep their core)
     and gains transcript-dense new cells
-    (:func:`GeneSegNet.training.grow.grow_labels`). ``pixel_size_um``: µm/px used when
+    (:func:`GeneSegNet.growth.grow.grow_labels`). ``pixel_size_um``: µm/px used when
     the crop has none; InputError when neither is known. ``merge_counts``: if given,
     the merge counts (``kept``, ``added_back``, ``dropped``) are added to it.
     Returns int32 [H, W].
@@ -179,7 +179,7 @@ def merge_round_labels(
     merge_counts: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Method ``"merge"``: the predicted cells plus the previous cells the model missed
-    (:func:`GeneSegNet.training.merge.merge_with_previous`), with no growth or dilation.
+    (:func:`GeneSegNet.growth.merge.merge_with_previous`), with no growth or dilation.
 
     Needs no pixel size; with transcripts, a missed cell at background density is dropped,
     without any, every missed cell is kept (no collapse). Returns int32 [H, W].
@@ -228,7 +228,7 @@ def postprocess_pseudo_labels(
 
 
 class LabelSummary:
-    """Accumulates :func:`GeneSegNet.training.merge.label_stats` over crops into a
+    """Accumulates :func:`GeneSegNet.growth.merge.label_stats` over crops into a
     :class:`GeneSegNet.training.manifest.LabelSetStats` (cells summed, areas pooled for
     the median, transcripts in cells summed). Areas are µm² when every added crop has a
     pixel size (its own or ``fallback``), else px²."""

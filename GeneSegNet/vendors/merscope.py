@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from GeneSegNet.errors import InputError
-from GeneSegNet.io.vendors import Bundle
-from GeneSegNet.io.vendors.common import (
+from GeneSegNet.vendors import Bundle
+from GeneSegNet.vendors.common import (
     apply_affine,
     as_float,
     check_affine,

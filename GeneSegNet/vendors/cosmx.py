@@ -40,8 +40,8 @@ import tifffile
 
 from GeneSegNet.errors import InputError
 from GeneSegNet.io.metadata import check_pixel_size
-from GeneSegNet.io.vendors import Bundle
-from GeneSegNet.io.vendors.common import (
+from GeneSegNet.vendors import Bundle
+from GeneSegNet.vendors.common import (
     as_float,
     iter_table,
     require_columns,

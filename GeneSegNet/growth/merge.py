@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from GeneSegNet.errors import InputError
-from GeneSegNet.training.grow import GrowParams, check_labels, estimate_levels, spot_pixels_in
+from GeneSegNet.growth.grow import GrowParams, check_labels, estimate_levels, spot_pixels_in
 
 logger = logging.getLogger(__name__)
 

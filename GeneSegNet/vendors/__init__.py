@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from GeneSegNet.io.images import write_label, write_tiled_tiff
 from GeneSegNet.io.metadata import SampleMetadata, metadata_path
-from GeneSegNet.io.vendors.common import (
+from GeneSegNet.vendors.common import (
     CONTROLS_DIR,
     IMAGE_TILE,
     NUCLEI_DIR,
@@ -80,7 +80,7 @@ class Bundle:
 
 def open_bundle(platform: str, **options: Any) -> Bundle:
     """Open a bundle of ``platform`` (see ``open_<platform>`` in each module for options)."""
-    from GeneSegNet.io.vendors import cosmx, generic, merscope, xenium
+    from GeneSegNet.vendors import cosmx, generic, merscope, xenium
 
     openers = {"xenium": xenium.open_xenium, "merscope": merscope.open_merscope,
                "cosmx": cosmx.open_cosmx, "generic": generic.open_generic}

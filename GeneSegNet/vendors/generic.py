@@ -18,8 +18,8 @@ import pyarrow as pa
 
 from GeneSegNet.errors import InputError
 from GeneSegNet.io.metadata import check_pixel_size
-from GeneSegNet.io.vendors import Bundle
-from GeneSegNet.io.vendors.common import (
+from GeneSegNet.vendors import Bundle
+from GeneSegNet.vendors.common import (
     apply_affine,
     as_float,
     check_affine,

@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from GeneSegNet.errors import InputError
-from GeneSegNet.io.vendors import Bundle
-from GeneSegNet.io.vendors.common import (
+from GeneSegNet.vendors import Bundle
+from GeneSegNet.vendors.common import (
     apply_affine,
     as_float,
     iter_table,
@@ -110,7 +110,7 @@ def open_xenium(bundle: str | Path, level: int = 0, z: int | None = None,
         logger.warning("%s: no qv column; --min_qv not applied", tx_path)
     img_path, select = (Path(image), {"C": 0}) if image else find_image(bundle)
     require_file(img_path, "DAPI image")
-    from GeneSegNet.io.vendors.common import open_tiff_level as _open
+    from GeneSegNet.vendors.common import open_tiff_level as _open
 
     with_z = dict(select)
     reader, shape, dtype, tif = _open(img_path, level, with_z)
