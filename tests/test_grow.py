@@ -311,3 +311,15 @@ def test_inference_refinement_brings_network_cells_to_their_transcripts():
     after = per_cell_best_iou(sample.cells, refined).mean()
     assert after > before + 0.03
     assert len(np.unique(refined)) >= len(np.unique(too_wide))
+
+
+def test_whole_cells_are_left_alone_where_transcripts_are_sparse():
+    """ISS-like density: no border can be placed by transcripts, so a model's whole cells
+    are not grown again by distance (growth would compound over rounds)."""
+    from GeneSegNet.growth.grow import regrow_whole_cells
+    sample = simulate_tissue(preset_config("sparse", height=320, width=320), 2)
+    rows, cols = sample.spots["y"].to_numpy(), sample.spots["x"].to_numpy()
+    genes = np.unique(sample.spots["gene"].astype(str), return_inverse=True)[1]
+    out = regrow_whole_cells(sample.cells, rows, cols, genes,
+                             pixel_size_um=sample.pixel_size_um)
+    np.testing.assert_array_equal(out, sample.cells)

@@ -34,7 +34,7 @@ Coordinates: spots at continuous (row, col) pixels; a spot's pixel is
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -513,3 +513,27 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
                 levels.cell_per_um2, levels.background_per_um2,
                 "distance" if distance_only else "transcripts")
     return out.astype(np.int32)
+
+
+def regrow_whole_cells(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
+                       gene_codes: np.ndarray, *, pixel_size_um: float,
+                       params: GrowParams | None = None) -> np.ndarray:
+    """Labels that are whole cells already (a model's cells) brought to their transcripts.
+
+    Where the transcripts can place borders (:func:`border_by_distance` is False), each
+    cell is trimmed to its transcript territory and grown again (:func:`grow_labels` with
+    ``trim_to_foreground``), so a model's slight over- or under-reach does not compound
+    over rounds. Where they are too sparse, growth would only go by distance again, on top
+    of cells that already have their extent: the labels are returned unchanged.
+    Returns int32 (H, W).
+    """
+    params = params or GrowParams()
+    labels = check_labels(labels, "labels")
+    levels = estimate_levels(labels, rows_px, cols_px, pixel_size_um=pixel_size_um,
+                             params=params)
+    if border_by_distance(levels.cell_per_um2, params):
+        logger.info("regrow_whole_cells: %.3g transcripts/µm² in cells, too sparse to "
+                    "place borders; cells kept as they are", levels.cell_per_um2)
+        return labels.astype(np.int32)
+    return grow_labels(labels, rows_px, cols_px, gene_codes, pixel_size_um=pixel_size_um,
+                       params=replace(params, trim_to_foreground=True))

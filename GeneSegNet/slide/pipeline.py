@@ -166,17 +166,17 @@ def slide_transcripts(rows: np.ndarray, cols: np.ndarray, model_input: ModelInpu
 def refine_with_transcripts(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                             codes: np.ndarray | None, pixel_size_um: float) -> np.ndarray:
     """The network's cells (int [H, W]) trimmed to and grown into their transcripts'
-    territory (:func:`GeneSegNet.growth.grow.grow_labels` with ``trim_to_foreground``;
-    transcript-dense regions without a cell become cells). Spots: int pixel (rows, cols)
+    territory where the transcripts are dense enough to place borders
+    (:func:`GeneSegNet.growth.grow.regrow_whole_cells`; transcript-dense regions without a
+    cell become cells); unchanged where they are sparse. Spots: int pixel (rows, cols)
     inside the image; ``codes``: the model's gene codes (-1 unknown; None: one gene).
     Returns int32 [H, W], cells 1..K."""
     from GeneSegNet.dynamics.masks import renumber
-    from GeneSegNet.growth.grow import GrowParams, grow_labels
+    from GeneSegNet.growth.grow import regrow_whole_cells
 
     genes = np.zeros(len(rows), np.int64) if codes is None else np.asarray(codes) + 1
-    grown = grow_labels(labels, np.asarray(rows) + 0.5, np.asarray(cols) + 0.5, genes,
-                        pixel_size_um=pixel_size_um,
-                        params=GrowParams(trim_to_foreground=True))
+    grown = regrow_whole_cells(labels, np.asarray(rows) + 0.5, np.asarray(cols) + 0.5, genes,
+                               pixel_size_um=pixel_size_um)
     return renumber(grown, order="first")
 
 

@@ -41,7 +41,7 @@ import GeneSegNet
 from GeneSegNet.data.dataset import Crop, sample_folders
 from GeneSegNet.dynamics.masks import fill_holes_and_remove_small_masks, renumber
 from GeneSegNet.errors import InputError
-from GeneSegNet.growth.grow import GrowParams, grow_labels
+from GeneSegNet.growth.grow import GrowParams, grow_labels, regrow_whole_cells
 from GeneSegNet.growth.merge import label_stats, merge_with_previous
 from GeneSegNet.io import staged_directory, write_label
 from GeneSegNet.io.records import write_json
@@ -134,10 +134,9 @@ def grow_round_labels(
     if merge_counts is not None:
         for key, value in counts.items():
             merge_counts[key] = merge_counts.get(key, 0) + int(value)
-    # the merged cells are whole cells already: trim them to the transcript foreground
-    # before growing, so that the model's slight over-reach does not compound over rounds
-    return grow_labels(merged, rows, cols, genes, pixel_size_um=size,
-                       params=replace(params, trim_to_foreground=True))
+    # the merged cells are whole cells already: trimmed to their transcripts and grown
+    # again where transcripts place borders; as they are where transcripts are sparse
+    return regrow_whole_cells(merged, rows, cols, genes, pixel_size_um=size, params=params)
 
 
 def refine_round_labels(
