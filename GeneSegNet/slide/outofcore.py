@@ -28,6 +28,7 @@ strided subsample (read in row bands), or local levels computed band by band
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -88,13 +89,11 @@ class LazyInputs(_GlobalInputs):
         region = self.image[top:bottom, left:right]
         if region.ndim == 2:
             region = region[:, :, None]
-        # the parent reads image[top:bottom, left:right] from an [H, W, C] array
-        saved = self.image
-        self.image = _Region(region, top, left, (height, width))
-        try:
-            return super().__call__(r0, c0)
-        finally:
-            self.image = saved
+        # the parent reads image[top:bottom, left:right] from an [H, W, C] array: give it a
+        # shallow copy that holds this region (never mutate self: dask threads share it)
+        view = copy.copy(self)
+        view.image = _Region(region, top, left, (height, width))
+        return _GlobalInputs.__call__(view, r0, c0)
 
 
 class _Region:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,6 +61,9 @@ class LazyImage:
         self.path = Path(path)
         self.channels = int(channels)
         self._array: Any = None
+        # tifffile's zarr store reads through one file handle (seek, then read): threads of
+        # one process (dask workers with processes=False) must not interleave their reads
+        self._lock = threading.Lock()
         array = self._open()
         self.shape = tuple(int(s) for s in array.shape)
         self.dtype = np.dtype(array.dtype)
@@ -71,7 +75,8 @@ class LazyImage:
     @property
     def lazy(self) -> bool:
         """True when regions are read from disk (False: an in-memory image)."""
-        return not isinstance(self._open(), np.ndarray)
+        with self._lock:
+            return not isinstance(self._open(), np.ndarray)
 
     def _open(self) -> Any:
         if self._array is not None:
@@ -110,13 +115,19 @@ class LazyImage:
         return array
 
     def __getitem__(self, key) -> np.ndarray:
-        return np.asarray(self._open()[key])
+        with self._lock:
+            return np.asarray(self._open()[key])
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
+        del state["_lock"]
         if not isinstance(state["_array"], np.ndarray):
             state["_array"] = None  # reopened by the worker
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def channel(self, c: int) -> LazyChannel:
         """[H, W] view of channel ``c`` (the image itself when it has no channel axis)."""
