@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "upstream's refinements (GeneSegNet.training.refine): morphology = the §6.2 "
                    "rule, quickest; fast = exact level-set result (slow for small cells); "
                    "levelset = literal upstream computation; auto (default) = grow when every "
-                   "train/val crop has spots and a pixel size, else morphology")  # fmt: skip
+                   "train/val crop has spots and a pixel size, else merge")  # fmt: skip
     g.add_argument("--pixel_size", type=positive_float, default=None,
                    help="µm per pixel for samples without a pixel size (used by grow)")  # fmt: skip
     g.add_argument("--no_grow_start_labels", action="store_true",

@@ -212,7 +212,7 @@ def test_auto_method_chooses_grow_only_with_pixel_sizes(data, caplog):
     assert all(len(c.spots_xy) and c.pixel_size_um is None for c in crops)
     rc = _config(root, root / "unused", refine_method="auto", pixel_size_um=None)
     with caplog.at_level(logging.INFO, logger="GeneSegNet.training.relabel"):
-        assert relabel.resolve_refine_method(rc, crops).refine_method == "morphology"
+        assert relabel.resolve_refine_method(rc, crops).refine_method == "merge"
     assert any("no pixel size" in r.getMessage() and "s0" in r.getMessage()
                for r in caplog.records)  # fmt: skip
     rc = _config(root, root / "unused", refine_method="auto")

@@ -23,7 +23,7 @@ GROW_METHOD = "grow"  # transcript-driven relabelling (GeneSegNet.growth.grow)
 # the model's cells plus the previous cells it missed, no growth (needs no transcripts)
 MERGE_METHOD = "merge"
 AUTO_METHOD = "auto"  # grow when every crop has spots and a pixel size, else the fallback
-FALLBACK_METHOD = "morphology"  # the default before transcript-driven growth
+FALLBACK_METHOD = "merge"  # without transcripts: the model's cells plus those it missed
 RELABEL_METHODS = (*REFINE_METHODS, GROW_METHOD, MERGE_METHOD)
 
 
