@@ -45,3 +45,15 @@ def test_unknown_mode_is_refused():
         EvalConfig(flow_target_mode="leaky")
     with pytest.raises(ValueError):
         TrainConfig(flow_target_mode="leaky")
+
+
+def test_mask_kwargs_carry_every_mask_setting_to_compute_masks():
+    import inspect
+
+    from GeneSegNet.dynamics.reconstruct import compute_masks
+    cfg = EvalConfig(niter=37, confidence_threshold=0.5, flow_threshold=0.2, min_size=3,
+                     y_only_movers=True, flow_target_mode="upstream")
+    kwargs = cfg.mask_kwargs()
+    assert kwargs == {"niter": 37, "confidence_threshold": 0.5, "flow_threshold": 0.2,
+                      "min_size": 3, "y_only_movers": True, "target_mode": "upstream"}
+    assert set(kwargs) <= set(inspect.signature(compute_masks).parameters)

@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,6 +128,14 @@ class EvalConfig:
             problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
+
+    def mask_kwargs(self) -> dict[str, Any]:
+        """The mask-reconstruction settings, as keyword arguments of
+        :func:`GeneSegNet.dynamics.reconstruct.compute_masks` (and of the block-wise
+        reconstruction of whole slides)."""
+        return {"niter": self.niter, "confidence_threshold": self.confidence_threshold,
+                "flow_threshold": self.flow_threshold, "min_size": self.min_size,
+                "y_only_movers": self.y_only_movers, "target_mode": self.flow_target_mode}
 
     def input_norm(self) -> InputNorm:
         """How the network input is normalised (see
@@ -306,17 +315,7 @@ def predict_crop(
     height, width = image.shape[1:]
     rescale = rescale_factor(cfg, diam_mean=diam_mean, diam_labels=diam_labels)
     flows, cellprob, style = run_network(net, image, rescale=rescale, cfg=cfg, device=device)
-    masks = compute_masks(
-        flows,
-        cellprob,
-        niter=cfg.niter,
-        confidence_threshold=cfg.confidence_threshold,
-        flow_threshold=cfg.flow_threshold,
-        min_size=cfg.min_size,
-        device=device,
-        y_only_movers=cfg.y_only_movers,
-        target_mode=cfg.flow_target_mode,
-    )
+    masks = compute_masks(flows, cellprob, device=device, **cfg.mask_kwargs())
     if flows.shape[1:] != (height, width):  # resample=False: back to the crop's size
         masks = renumber(resize_image(masks, (height, width), "nearest"), order="first")
         flows = resize_image(flows, (height, width), "linear")

@@ -120,12 +120,7 @@ def segment_slide(
         result.cellprob,
         block_size=cfg.block_size,
         halo=block_halo(cfg, result.plan.diameter),
-        niter=ev.niter,
-        confidence_threshold=ev.confidence_threshold,
-        flow_threshold=ev.flow_threshold,
-        min_size=ev.min_size,
-        y_only_movers=ev.y_only_movers,
-        target_mode=ev.flow_target_mode,
+        **ev.mask_kwargs(),
         device=device,
         progress=progress,
     )

@@ -144,9 +144,8 @@ def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample]
                                  heatmap_tiles(index, cfg.slide.sigma, tile=HEATMAP_TILE),
                                  shape, np.uint8, HEATMAP_TILE)
             ev = cfg.slide.evaluation
-            ms = MaskSettings(cfg.block_size, block_halo(cfg, plan.diameter), ev.niter,
-                              ev.confidence_threshold, ev.flow_threshold, ev.min_size,
-                              ev.y_only_movers, ev.flow_target_mode)
+            ms = MaskSettings(cfg.block_size, block_halo(cfg, plan.diameter),
+                              **ev.mask_kwargs())
             settings = {"run": asdict(cfg), "masks": asdict(ms), "image": image.identity(),
                         "spots": None if sample.spots is None else str(sample.spots),
                         "weights": digest, "diams": diams, "device": str(device)}
