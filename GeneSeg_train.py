@@ -8,6 +8,12 @@ crops into <sample>/newlabels/. Models go to <save_model_dir>/models/, the run r
 log is appended to <save_model_dir>/GeneSeg_train.log. --batch_size is both the training
 batch and the evaluation tile batch, as upstream.
 
+Several GPUs (or CPU processes): launch with torchrun, one process per device, e.g.
+    torchrun --standalone --nproc_per_node 4 GeneSeg_train.py --use_gpu ...
+--batch_size is then the global batch, split over the processes (same steps as one
+process); rank 0 writes the checkpoints, the log and the run record, and the
+relabelling between rounds is split across the processes by sample folder.
+
 Example (upstream's README command):
     python GeneSeg_train.py --use_gpu --train_dir data/train --val_dir data/val
         --test_dir data/test --pretrained_model None --save_png --save_each
@@ -171,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         import GeneSegNet
-        from GeneSegNet.device import get_device
         from GeneSegNet.io.paths import check_output_not_input, crop_input_folders
+        from GeneSegNet.training.ddp import distributed_device, finish_distributed
         from GeneSegNet.training.recursive import run_recursive_training
 
         inputs = {str(p): p for p in crop_input_folders(args.train_dir, args.val_dir,
@@ -182,15 +188,19 @@ def main(argv: list[str] | None = None) -> int:
             {**inputs, "--pretrained_model": args.pretrained_model},
         )
         args.save_model_dir.mkdir(parents=True, exist_ok=True)
-        setup_logging(args.verbose, log_file=args.save_model_dir / LOG_NAME)
+        env, device = distributed_device(args.use_gpu, args.gpu_device)  # torchrun: DDP
+        if env.rank == 0:
+            setup_logging(args.verbose, log_file=args.save_model_dir / LOG_NAME)
+        else:  # the log is rank 0's; other ranks report errors only
+            logging.getLogger("GeneSegNet").setLevel(logging.ERROR)
         if args.deterministic:
             _deterministic()
-        device = get_device(args.use_gpu, args.gpu_device)
         if device.type == "cuda" and not args.deterministic:
             import torch
 
             torch.backends.cudnn.benchmark = True  # fixed-size training patches
-        logger.info("GeneSegNet %s, GeneSeg_train.py, device %s", GeneSegNet.__version__, device)
+        logger.info("GeneSegNet %s, GeneSeg_train.py, device %s%s", GeneSegNet.__version__,
+                    device, f", {env.world} processes (DDP)" if env.world > 1 else "")
         for note in notes:
             logger.warning("%s", note)
         if args.output_visual != "visresults":
@@ -210,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("finished %d round(s); final model %s; run record %s",
                     len(manifest.rounds), manifest.rounds[-1].model_used,
                     args.save_model_dir / manifest.file_name)  # fmt: skip
+        finish_distributed()
         return 0
 
     return run_reporting_errors(run)

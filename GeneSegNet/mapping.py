@@ -5,6 +5,10 @@ image iff 0 <= x < W and 0 <= y < H (:func:`GeneSegNet.io.spots.spot_pixels`, th
 heatmaps use too); for inside spots this equals upstream's ``int(float())`` truncation.
 Spots with a non-finite coordinate, or outside the image, are never wrapped around: they
 are counted and either written with cell id 0 (background, the default) or dropped.
+
+A label image that is not a NumPy array (a zarr array of an out-of-core run) is read chunk
+by chunk: the spots are bucketed by chunk and each chunk is read once
+(:func:`lookup_chunked`), so memory is one chunk plus a few arrays per spot.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def lookup_cell_ids(labels: np.ndarray, x: np.ndarray, y: np.ndarray
 
     Parameters
     ----------
-    labels : (H, W) integer label image.
+    labels : (H, W) integer label image (a NumPy array, or an array-like read chunk by
+        chunk with :func:`lookup_chunked`, e.g. zarr).
     x, y : float spot coordinates (x = column, y = row), shape (N,).
 
     Returns
@@ -64,8 +69,39 @@ def lookup_cell_ids(labels: np.ndarray, x: np.ndarray, y: np.ndarray
     finite = np.isfinite(x) & np.isfinite(y)
     rows, cols, inside = spot_pixels(x, y, labels.shape)
     cell_ids = np.zeros(x.shape, dtype=np.int64)
-    cell_ids[inside] = labels[rows, cols]
+    if isinstance(labels, np.ndarray):
+        cell_ids[inside] = labels[rows, cols]
+    else:
+        cell_ids[inside] = lookup_chunked(labels, rows, cols)
     return cell_ids, finite, inside
+
+
+def lookup_chunked(values, rows: np.ndarray, cols: np.ndarray,
+                   chunk: tuple[int, int] | None = None) -> np.ndarray:
+    """``values[rows, cols]`` of a 2-D array-like read one chunk at a time.
+
+    values : (H, W) array with slicing (e.g. a zarr array); chunk : (rows, cols) of a
+    read (default: ``values.chunks``, else 1024²). rows, cols : (N,) in-range pixels.
+    Returns (N,) of ``values``' dtype; spots are visited in chunk order, each chunk once.
+    """
+    rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    if chunk is None:
+        chunk = tuple(getattr(values, "chunks", (1024, 1024))[-2:])
+    ch, cw = int(chunk[0]), int(chunk[1])
+    n_cols = -(-int(values.shape[-1]) // cw)
+    key = (rows // ch) * n_cols + cols // cw
+    order = stable_order(key)
+    out = np.zeros(rows.shape, dtype=np.dtype(values.dtype))
+    if not len(order):
+        return out
+    sorted_keys = key[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    for a, b in zip(starts, np.r_[starts[1:], len(order)], strict=True):
+        i, j = divmod(int(sorted_keys[a]), n_cols)
+        block = np.asarray(values[i * ch : (i + 1) * ch, j * cw : (j + 1) * cw])
+        take = order[a:b]
+        out[take] = block[rows[take] - i * ch, cols[take] - j * cw]
+    return out
 
 
 def stable_order(keys: np.ndarray) -> np.ndarray:
@@ -116,16 +152,19 @@ def map_transcripts(labels: np.ndarray, spots: pd.DataFrame, out_of_bounds: str 
     )
 
 
-def cell_by_gene_counts(labels: np.ndarray, cell_ids: np.ndarray, genes: np.ndarray
-                        ) -> pd.DataFrame:
+def cell_by_gene_counts(labels: np.ndarray | None, cell_ids: np.ndarray, genes: np.ndarray,
+                        cells: np.ndarray | None = None) -> pd.DataFrame:
     """Cell-by-gene transcript counts.
 
     Rows are all cells of ``labels`` (ascending id, index ``cell_id``), including cells
-    without transcripts; columns are the genes (sorted). Background spots (id 0) are not
-    counted.
+    without transcripts, or the ids ``cells`` when given (e.g. 1..K of an out-of-core
+    label image, without reading it); columns are the genes (sorted). Background spots
+    (id 0) are not counted.
     """
-    cells = fastremap.unique(labels)
-    cells = cells[cells != 0].astype(np.int64)
+    if cells is None:
+        cells = fastremap.unique(labels)
+    cells = np.asarray(cells)
+    cells = np.sort(cells[cells != 0].astype(np.int64))
     gene_names, gene_codes = np.unique(np.asarray(genes).astype(str), return_inverse=True)
     assigned = np.asarray(cell_ids) != 0
     rows = np.searchsorted(cells, np.asarray(cell_ids)[assigned])

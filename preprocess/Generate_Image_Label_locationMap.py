@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pixel_size", type=positive_float, default=None,
                         help="µm per image pixel of every sample; must agree with a sample's "
                              "<base_dir>/metadata/<sample>.json when both exist")
+    parser.add_argument("--working_pixel_size", type=positive_float, default=None,
+                        help="µm/px of the crops (e.g. 0.5 for Xenium's 0.2125): each image, "
+                             "its labels and spots are resampled to it before cropping, so "
+                             "training runs at it; needs every pixel size")
     parser.add_argument("--transcript_input", choices=("auto", "density", "heatmap"),
                         default="auto",
                         help="network transcript input: density (per-slide scaled transcript "
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                                   transcript_sigma_um=(DEFAULT_SIGMA_UM
                                                        if args.transcript_sigma_um is None
                                                        else args.transcript_sigma_um),
-                                  gene_channels=args.gene_channels)
+                                  gene_channels=args.gene_channels,
+                                  working_pixel_size=args.working_pixel_size)
         for folder in written:
             logger.info("wrote %s", folder)
         logger.info("%d sample folder(s) written under %s", len(written), args.save_crop_dir)

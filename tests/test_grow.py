@@ -192,6 +192,26 @@ def test_merge_keeps_a_missed_cell_and_drops_an_empty_one():
     assert merged[70, 20] not in (0, merged[61, 15])
 
 
+
+def test_merge_keeps_an_empty_cell_when_the_data_are_too_sparse_to_reject_it():
+    """A missed 10x10 px cell (25 µm²) without transcripts: at 0.1 /µm² in cells a cell
+    that size holds none with probability exp(-2.5) = 0.08, no evidence against it: kept.
+    At 2 /µm² (P(0) = exp(-50)) the same emptiness rejects it."""
+    shape = (120, 120)
+    previous = np.zeros(shape, dtype=np.int32)
+    for k, (r, c) in enumerate([(10, 10), (10, 40), (10, 70), (40, 10), (40, 40), (40, 70),
+                                (70, 10), (70, 40), (70, 70)], start=1):
+        previous[r:r + 10, c:c + 10] = k
+    predicted = np.where(previous != 9, previous, 0)  # the model misses cell 9 only
+    for per_um2, dropped in ((0.1, 0), (2.0, 1)):
+        rng = np.random.default_rng(5)
+        spots = _spots_in((previous > 0) & (previous != 9), per_um2 * 0.25, [0], rng)
+        merged, counts = merge_with_previous(predicted, previous, spots[0], spots[1],
+                                             pixel_size_um=0.5)
+        assert counts["dropped"] == dropped, per_um2
+        assert counts["added_back"] == 1 - dropped, per_um2
+        assert (merged[70:80, 70:80] > 0).all() == (dropped == 0)
+
 def test_label_stats_analytic():
     labels = np.zeros((10, 20), dtype=np.int32)
     labels[0:4, 0:4] = 1  # 16 px

@@ -36,6 +36,7 @@ import pandas as pd
 
 from GeneSegNet.data.gene_embedding import GeneEmbedding, learn_gene_embedding
 from GeneSegNet.data.heatmap import DEFAULT_SIGMA, heatmap_to_uint8, render_heatmap
+from GeneSegNet.data.resample import resample_image, resample_labels, scale_spots, working_shape
 from GeneSegNet.data.sample_info import (
     UPSTREAM_TRANSCRIPTS,
     SampleInfo,
@@ -154,6 +155,25 @@ def load_raw_sample(name: str, paths: dict[str, Path], min_size: int = 0,
                              f"{(height, width)} ({paths['images'].name})", paths["labels"])
     spots = read_spots(paths["spots"], scale=spot_scale, strict=True)
     return RawSample(name, image, labels, spots, dict(paths))
+
+
+def resample_sample(sample: RawSample, pixel_size_um: float, working_pixel_size_um: float,
+                    min_size: int = 0) -> RawSample:
+    """``sample`` at ``working_pixel_size_um`` (µm/px): image linearly (area-averaged when
+    shrinking), labels by nearest pixel centre, spot coordinates scaled
+    (:mod:`GeneSegNet.data.resample`)."""
+    shape = sample.image.shape[:2]
+    new_shape = working_shape(shape, pixel_size_um, working_pixel_size_um)
+    if min(new_shape) < min_size:
+        raise InputError(f"image is {new_shape[0]}×{new_shape[1]} px at {working_pixel_size_um} "
+                         f"µm/px, smaller than the {min_size} px crop", sample.paths["images"])
+    x, y = scale_spots(sample.spots["x"], sample.spots["y"], shape, new_shape)
+    labels = None if sample.labels is None else resample_labels(sample.labels, new_shape)
+    logger.info("%s: resampled %d×%d px at %.4g µm/px to %d×%d px at %.4g µm/px", sample.name,
+                shape[1], shape[0], pixel_size_um, new_shape[1], new_shape[0],
+                working_pixel_size_um)
+    return RawSample(sample.name, resample_image(sample.image, new_shape), labels,
+                     sample.spots.assign(x=x, y=y), sample.paths)
 
 
 def crop_offsets(height: int, width: int, crop_size: int, n_crops: int, seed: int
@@ -364,13 +384,16 @@ def prepare_dataset(base_dir: str | Path, save_dir: str | Path, config: CropConf
                     overwrite: bool = False, progress: bool = False,
                     pixel_size: float | None = None, transcript_input: str = "auto",
                     transcript_sigma_um: float = DEFAULT_SIGMA_UM,
-                    gene_channels: int = DEFAULT_GENE_CHANNELS) -> list[Path]:
+                    gene_channels: int = DEFAULT_GENE_CHANNELS,
+                    working_pixel_size: float | None = None) -> list[Path]:
     """Crop every raw sample of ``base_dir`` into ``save_dir`` (optionally split).
 
     ``pixel_size`` (µm/px, ``--pixel_size``) must agree with a sample's metadata file
     ``<base_dir>/metadata/<sample>.json`` when both exist; ``transcript_input``,
     ``transcript_sigma_um`` and ``gene_channels``: see :func:`choose_transcript_input`.
     The gene embedding is learnt once, from the train-split samples (all without a split).
+    ``working_pixel_size`` (µm/px): every sample is resampled to it before cropping
+    (:func:`resample_sample`), and its crops record that pixel size.
 
     All pairing, pixel-size and output-collision checks run before anything is written;
     each sample folder is then written completely or not at all. Returns the sample
@@ -396,6 +419,12 @@ def prepare_dataset(base_dir: str | Path, save_dir: str | Path, config: CropConf
         check_output_not_input({"sample folder": targets[name] / name},
                                raw_input_folders(base_dir), replaced=True)
     pixel_sizes = {name: resolve_pixel_size(base_dir, name, pixel_size) for name in names}
+    if working_pixel_size is not None:
+        unknown = sorted(name for name, pixel in pixel_sizes.items() if pixel is None)
+        if unknown:
+            raise InputError(f"--working_pixel_size needs every pixel size; none for "
+                             f"{', '.join(unknown[:5])}: give --pixel_size or write "
+                             f"{metadata_path(base_dir, unknown[0])}")
     transcripts = choose_transcript_input(pixel_sizes, transcript_input,
                                           sigma_um=transcript_sigma_um,
                                           gene_channels=gene_channels, base_dir=base_dir)
@@ -407,10 +436,17 @@ def prepare_dataset(base_dir: str | Path, save_dir: str | Path, config: CropConf
     logger.info("transcript input: %s", transcripts)
     written = []
     for name, paths in tqdm(samples, desc="samples", disable=not progress):
-        sample = load_raw_sample(name, paths, min_size=config.crop_size, spot_scale=spot_scale)
+        pixel = pixel_sizes[name]
+        if working_pixel_size is None:
+            sample = load_raw_sample(name, paths, min_size=config.crop_size,
+                                     spot_scale=spot_scale)
+        else:
+            sample = resample_sample(load_raw_sample(name, paths, spot_scale=spot_scale),
+                                     pixel, working_pixel_size, min_size=config.crop_size)
+            pixel = working_pixel_size
         written.append(write_sample_crops(sample, targets[name], config, overwrite=overwrite,
                                           transcripts=transcripts,
-                                          pixel_size_um=pixel_sizes[name], embedding=embedding))
+                                          pixel_size_um=pixel, embedding=embedding))
         logger.debug("%s: %d spots, %d crops -> %s", name, len(sample.spots), config.n_crops,
                      written[-1])
     return written

@@ -70,6 +70,11 @@ class GrowParams:
     new_cell_min_transcripts: int = 5
     new_cell_diameter_um: float | None = None  # None: from the grown cells' median area
     merge_overlap_fraction: float = 0.2  # below this a previous cell counts as missed
+    # A missed previous cell is rejected by the transcripts only if its count is at the
+    # background level AND improbably low for a cell of its area (Poisson lower tail at
+    # the in-cell density below this): a small cell holding no transcript at ISS density
+    # is no evidence against it.
+    drop_max_p: float = 0.01
     # Trim the input cells to the transcript foreground before growing (for labels that
     # are already whole cells, e.g. a model's predictions): each cell keeps its core (the
     # pixels more than max_growth_um inside its boundary) and, connected to it, its

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from GeneSegNet.errors import InputError
 from GeneSegNet.growth.grow import GrowParams, check_labels, estimate_levels, spot_pixels_in
@@ -76,10 +76,12 @@ def merge_with_previous(predicted: np.ndarray, previous: np.ndarray, rows_px: np
     split among them, each pixel to the nearest of them (:func:`split_merged_cells`).
     A previous cell is missed when less than ``merge_overlap_fraction`` of its pixels lie
     in predicted cells. A missed cell is added back (its pixels outside predicted cells,
-    under a new id) unless its transcript density is at background level (not above the
-    foreground threshold of ``estimate_levels`` on the previous labels); then it is
-    dropped, rejected by both the model and the transcripts. Without any transcript, no
-    missed cell is dropped.
+    under a new id) unless the transcripts reject it too: its density is at background
+    level (not above the foreground threshold of ``estimate_levels`` on the previous
+    labels) and its count n is improbably low for a cell, P(N <= n) < ``drop_max_p`` for
+    N ~ Poisson(area x in-cell density); then it is dropped. So at sparse densities,
+    where a small cell often holds no transcript, absence is not taken as rejection.
+    Without any transcript, no missed cell is dropped.
 
     Returns
     -------
@@ -111,7 +113,9 @@ def merge_with_previous(predicted: np.ndarray, previous: np.ndarray, rows_px: np
     n_spots = np.bincount(previous[rows, cols], minlength=n_prev)
     with np.errstate(invalid="ignore", divide="ignore"):
         density = n_spots / (area * pixel_size_um ** 2)
-    dropped = missed & ~(density > levels.threshold_per_um2)
+    expected = area * pixel_size_um ** 2 * levels.cell_per_um2
+    improbable = stats.poisson.cdf(n_spots, expected) < params.drop_max_p
+    dropped = missed & ~(density > levels.threshold_per_um2) & improbable
     if rows.size == 0:  # no transcripts: they cannot reject a cell the model missed
         dropped[:] = False
     added = missed & ~dropped

@@ -18,6 +18,12 @@ from torch import nn
 
 import GeneSegNet
 from GeneSegNet.data.model_input import ModelInput, model_input_from_meta
+from GeneSegNet.data.resample import (
+    resample_image,
+    resample_labels,
+    spot_pixels_at,
+    working_shape,
+)
 from GeneSegNet.data.transcripts import slide_density_scale
 from GeneSegNet.errors import InputError
 from GeneSegNet.export.sample import SampleOutput, check_export_settings, write_sample_outputs
@@ -28,6 +34,7 @@ from GeneSegNet.io.metadata import metadata_path, resolve_pixel_size
 from GeneSegNet.slide.blockwise import reconstruct_blockwise, upstream_label_opening
 from GeneSegNet.slide.files import (
     HEATMAP_TILE,
+    SlideInputs,
     SlideSample,
     load_slide,
     window_heatmap_writer,
@@ -59,6 +66,10 @@ class SlideRunConfig:
     metadata_dir : the folder holding ``metadata/`` (the inference ``--root_dir``).
     outputs : result formats written with ``mapping`` (:data:`GeneSegNet.export.OUTPUT_KINDS`;
         default upstream's csv), into ``save_dir/mapping`` (:mod:`GeneSegNet.export.sample`).
+    working_pixel_size_um : µm/px to segment at (``--working_pixel_size``; None: each
+        slide's own): image and spots are resampled to it (:mod:`GeneSegNet.data.resample`)
+        for the network and the masks; the labels go back to the slide's grid before the
+        transcript refinement and the outputs.
     """
 
     slide: SlideConfig = field(default_factory=SlideConfig)
@@ -73,6 +84,7 @@ class SlideRunConfig:
     pixel_size_um: float | None = None
     metadata_dir: Path | None = None
     outputs: tuple[str, ...] = ("csv",)
+    working_pixel_size_um: float | None = None
 
 
 def block_halo(cfg: SlideRunConfig, diameter: float) -> int:
@@ -175,6 +187,43 @@ def refine_with_transcripts(labels: np.ndarray, rows: np.ndarray, cols: np.ndarr
     return renumber(grown, order="first")
 
 
+@dataclass
+class WorkingSlide:
+    """A slide's image and spot pixels (rows, cols int32) at the working resolution, its
+    pixel size there (µm/px; None if unknown) and its input grid (rows, cols)."""
+
+    image: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    pixel_size_um: float | None
+    input_shape: tuple[int, int]
+
+    def to_input(self, per_pixel: np.ndarray) -> np.ndarray:
+        """A per-pixel array (labels, probabilities) of the working grid on the input grid."""
+        return resample_labels(per_pixel, self.input_shape)
+
+
+def working_slide(inputs: SlideInputs, pixel_size_um: float | None,
+                  working_pixel_size_um: float | None) -> WorkingSlide:
+    """``inputs`` at ``working_pixel_size_um`` (unchanged when None or equal). A spot is
+    placed at its input pixel's centre, so its working pixel is exact to half an input
+    pixel."""
+    shape = inputs.image.shape[:2]
+    if working_pixel_size_um is None or pixel_size_um == working_pixel_size_um:
+        return WorkingSlide(inputs.image, inputs.rows, inputs.cols, pixel_size_um, shape)
+    if pixel_size_um is None:
+        raise InputError(f"--working_pixel_size needs the pixel size of {inputs.sample.name!r}:"
+                         " give --pixel_size or write it to its metadata file",
+                         inputs.sample.image)
+    new_shape = working_shape(shape, pixel_size_um, working_pixel_size_um)
+    rows, cols = spot_pixels_at(inputs.rows, inputs.cols, shape, new_shape)
+    logger.info("%s: %d×%d px at %.4g µm/px -> %d×%d px at %.4g µm/px", inputs.sample.name,
+                shape[1], shape[0], pixel_size_um, new_shape[1], new_shape[0],
+                working_pixel_size_um)
+    return WorkingSlide(resample_image(inputs.image, new_shape), rows, cols,
+                        working_pixel_size_um, shape)
+
+
 def _write_config(path: Path, cfg: SlideRunConfig, extra: dict[str, Any]) -> None:
     record = {"package_version": GeneSegNet.__version__, **asdict(cfg), **extra}
     with atomic_path(path) as tmp:
@@ -219,9 +268,13 @@ def run_slides(
     first = None
     for sample in reversed(samples):  # check every input; keep the first sample loaded
         first = load_slide(sample, **load)
+    first_shape = first.image.shape[:2]
+    if cfg.working_pixel_size_um is not None:
+        first_shape = working_shape(first_shape, pixel_sizes[samples[0].name]
+                                    or cfg.working_pixel_size_um, cfg.working_pixel_size_um)
     try:
         plan = plan_windows(
-            first.image.shape[:2], cfg.slide, **diams, size_multiple=net.config.size_multiple
+            first_shape, cfg.slide, **diams, size_multiple=net.config.size_multiple
         )
     except ValueError as exc:
         raise InputError(f"bad window settings: {exc}") from None
@@ -243,9 +296,9 @@ def run_slides(
         first = None
         start = time.perf_counter()
         shape = inputs.image.shape[:2]
-        index = SpotIndex(inputs.rows, inputs.cols, shape, codes=inputs.codes)
-        transcripts = slide_transcripts(inputs.rows, inputs.cols, model_input,
-                                        pixel_sizes[sample.name])
+        work = working_slide(inputs, pixel_sizes[sample.name], cfg.working_pixel_size_um)
+        index = SpotIndex(work.rows, work.cols, work.image.shape[:2], codes=inputs.codes)
+        transcripts = slide_transcripts(work.rows, work.cols, model_input, work.pixel_size_um)
         sink = None
         if cfg.write_heatmap and cfg.slide.window_local:
             sink = window_heatmap_writer(save_dir / "HeatMap" / sample.name)
@@ -253,11 +306,11 @@ def run_slides(
             write_tiled_tiff(
                 save_dir / "HeatMap" / f"{sample.name}_gaumap.tif",
                 heatmap_tiles(index, cfg.slide.sigma, tile=HEATMAP_TILE),
-                shape, np.uint8, HEATMAP_TILE,
+                work.image.shape[:2], np.uint8, HEATMAP_TILE,
             )
         labels = segment_slide(
             net,
-            inputs.image,
+            work.image,
             index,
             cfg,
             **diams,
@@ -265,12 +318,15 @@ def run_slides(
             progress=progress,
             heatmap_sink=sink,
             transcripts=transcripts,
-            cellprob_sink=(lambda a: kept.append(np.array(a)))
+            cellprob_sink=(lambda a, to_input=work.to_input: kept.append(np.array(to_input(a))))
             if cfg.mapping and inputs.table is not None else None,
         )
+        labels = work.to_input(labels)
+        del work
         if cfg.transcript_refine and transcripts is not None and len(inputs.rows):
+            # on the input grid: borders where the transcripts put them, to the input pixel
             labels = refine_with_transcripts(labels, inputs.rows, inputs.cols, inputs.codes,
-                                             transcripts.pixel_size_um)
+                                             pixel_sizes[sample.name])
         write_label_outputs(save_dir, sample.name, labels, inputs.image)
         if cfg.mapping and inputs.table is not None:
             export = SampleOutput(labels, inputs.image, pixel_sizes[sample.name],

@@ -7,7 +7,11 @@ default, where the in-memory pass needs about 1.8 GB). Per sample the run store
 ``labels``, int32, 1024² chunks), and the heatmap TIFF is written as usual. Slides up to
 ``in_memory_outputs`` pixels also get the usual files (label png/tif, mat, jpg, mapping);
 larger ones get ``label_<name>.tif`` (tiled BigTIFF, int32, streamed from the store) and
-a message naming the outputs skipped (they would need the whole label image in memory).
+the transcript mapping read from the store chunk by chunk (:func:`map_spots_out_of_core`):
+``mapping/<name>.csv`` with upstream's columns and ``cell_probability`` (the rows of the
+in-memory run), and ``mapping/<name>_cell_by_gene.csv``; the outputs that need the whole
+label image (png/mat/jpg, boundary distance and nearest-cell columns, polygons, h5ad and
+the other ``--outputs``) are named in a warning and skipped.
 
 With ``--dask_workers N`` (or ``--dask_scheduler``/``--slurm_jobs``) the window batches,
 field chunks and mask blocks run as dask tasks (:mod:`GeneSegNet.slide.distributed`).
@@ -169,16 +173,74 @@ def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample]
     return done
 
 
+class _Plane:
+    """Channel ``c`` of a [C, H, W] zarr array as a 2-D array-like (for chunked reads)."""
+
+    def __init__(self, array, c: int) -> None:
+        self.array, self.c = array, c
+        self.shape, self.dtype = tuple(array.shape[1:]), array.dtype
+        self.chunks = tuple(array.chunks[1:])
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.asarray(self.array[(self.c, *key)])
+
+
+def map_spots_out_of_core(store: SlideStore, spots, out_of_bounds: str = "background"):
+    """The mapping table of a finished store without loading its label image: upstream's
+    columns (cell_id, spotX, spotY, gene; sorted by cell id, file order within a cell) and
+    ``cell_probability`` (sigmoid of the stored logit; NaN outside the image), each read
+    chunk by chunk (:func:`GeneSegNet.mapping.lookup_chunked`). Equal to the in-memory
+    table's rows and columns of the same names."""
+    from GeneSegNet.export.confidence import PROBABILITY_COLUMN
+    from GeneSegNet.mapping import lookup_chunked, map_transcripts
+
+    table = map_transcripts(store.labels, spots, out_of_bounds).table
+    rows, cols, inside = spot_pixels(table["spotX"].to_numpy(np.float64),
+                                     table["spotY"].to_numpy(np.float64), store.shape)
+    prob = np.full(len(table), np.nan, dtype=np.float32)
+    logit = lookup_chunked(_Plane(store.field, 2), rows, cols).astype(np.float32)
+    prob[inside] = 1.0 / (1.0 + np.exp(-np.clip(logit, -80.0, 80.0)))
+    return table.assign(**{PROBABILITY_COLUMN: prob})
+
+
+def write_mapping_out_of_core(folder: Path, name: str, store: SlideStore, spots,
+                              out_of_bounds: str = "background") -> list[Path]:
+    """``<folder>/<name>.csv`` (:func:`map_spots_out_of_core`) and
+    ``<folder>/<name>_cell_by_gene.csv`` (cells 1..K of the store), atomically."""
+    from GeneSegNet.io import atomic_path
+    from GeneSegNet.mapping import cell_by_gene_counts
+
+    table = map_spots_out_of_core(store, spots, out_of_bounds)
+    out = Path(folder) / f"{name}.csv"
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.10g")
+    n_cells = int(store.group.attrs.get("n_cells", 0))
+    counts = cell_by_gene_counts(None, table["cell_id"].to_numpy(), table["gene"].to_numpy(),
+                                 cells=np.arange(1, n_cells + 1))
+    with atomic_path(Path(folder) / f"{name}_cell_by_gene.csv") as tmp:
+        counts.to_csv(tmp)
+    logger.info("%s: %d spots, %d in cells -> %s", name, len(table),
+                int((table["cell_id"] > 0).sum()), out)
+    return [out, Path(folder) / f"{name}_cell_by_gene.csv"]
+
+
 def _write_outputs(save_dir: Path, name: str, store: SlideStore, image: LazyImage, table,
                    cfg: SlideRunConfig, ooc: OutOfCoreConfig, pixel_size: float | None) -> None:
     height, width = store.shape
     if height * width > ooc.in_memory_outputs:
         write_tiled_tiff(save_dir / f"label_{name}.tif", label_tiles(store.labels, 1024),
                          store.shape, np.int32, 1024)
-        logger.warning("%s: %d x %d px is above %.3g px: wrote label_%s.tif (tiled) and the "
-                       "zarr labels in %s; label png/mat/jpg%s skipped (they need the whole "
+        mapped = cfg.mapping and table is not None
+        if mapped:
+            (save_dir / "mapping").mkdir(parents=True, exist_ok=True)
+            write_mapping_out_of_core(save_dir / "mapping", name, store, table,
+                                      cfg.out_of_bounds)
+        logger.warning("%s: %d x %d px is above %.3g px: wrote label_%s.tif (tiled), the "
+                       "zarr labels in %s%s; label png/mat/jpg%s skipped (they need the whole "
                        "label image in memory)", name, height, width, ooc.in_memory_outputs,
-                       name, store.path, " and mapping" if cfg.mapping else "")
+                       name, store.path, " and the mapping csv (cell probability, no boundary "
+                       "distance or nearest cell)" if mapped else "",
+                       " and the other --outputs" if mapped else "")
         return
     labels = store.labels[:]
     whole = image[:, :]

@@ -45,6 +45,7 @@ from GeneSegNet.dynamics.flow_targets import FlowTargetCache
 from GeneSegNet.errors import InputError, Interrupted
 from GeneSegNet.model.checkpoint import load_checkpoint, save_checkpoint
 from GeneSegNet.model.net import GeneSegUNet, NetConfig
+from GeneSegNet.training import ddp
 from GeneSegNet.training.batches import (
     PatchBatches,
     TrainData,
@@ -228,6 +229,8 @@ class _Run:
         extra: dict[str, Any],
     ) -> None:
         self.net, self.cfg, self.device, self.extra = net, cfg, device, dict(extra)
+        # under torchrun: DDP around the network (global-batch BatchNorm); else ``net``
+        self.env, self.model = ddp.current_env(), ddp.wrap(net, device)
         self.optimizer = torch.optim.AdamW(
             net.parameters(),
             lr=cfg.learning_rate,
@@ -253,9 +256,14 @@ class _Run:
         self.best_epoch = saved.get("best_epoch")
         return int(saved["epoch"]) + 1
 
-    def step(self, imgs: torch.Tensor, lbls: torch.Tensor) -> float:
+    def step(self, imgs: torch.Tensor, lbls: torch.Tensor, n_global: int = 0) -> float:
+        """One optimizer step; under DDP ``imgs`` is this rank's shard of a global batch
+        of ``n_global`` crops. Returns the global batch's mean loss."""
         imgs = imgs.to(self.device, non_blocking=True)
         lbls = lbls.to(self.device, non_blocking=True)
+        if self.env.world > 1:
+            with _autocast(self.device, self.bf16):
+                return ddp.ddp_step(self.model, self.optimizer, imgs, lbls, n_global)
         with _autocast(self.device, self.bf16):
             out = self.net(imgs)[0]
         loss = loss_fn(out, lbls)
@@ -268,12 +276,16 @@ class _Run:
         self.net.eval()
         total, count = 0.0, 0
         with torch.no_grad():
-            for imgs, lbls in batches:
+            for k, (imgs, lbls) in enumerate(batches):
+                if k % self.env.world != self.env.rank:
+                    continue  # under DDP each rank scores every world-th batch
                 with _autocast(self.device, self.bf16):
                     out = self.net(imgs.to(self.device, non_blocking=True))[0]
                 total += float(loss_fn(out, lbls.to(self.device)).item()) * len(imgs)
                 count += len(imgs)
         self.net.train()
+        if self.env.world > 1:
+            total, count = ddp.all_sum([total, count], self.device)
         return total / count
 
     def _payload(self, epoch: int, kind: str) -> dict[str, Any]:
@@ -296,9 +308,10 @@ class _Run:
         path = {"last": self.last_path, "best": self.best_path}.get(
             kind, self.model_dir / f"{self.model_name}_epoch_{epoch}.pt"
         )
-        written = save_checkpoint(
-            path, self.net, train_config=self.cfg.to_dict(), extra=self._payload(epoch, kind)
-        )
+        written = path  # checkpoints are written by rank 0 only
+        if ddp.is_main():
+            written = save_checkpoint(path, self.net, train_config=self.cfg.to_dict(),
+                                      extra=self._payload(epoch, kind))
         if kind == "last":
             self.saved_epoch, self._saved_at, self._snapshot = epoch, time.monotonic(), None
         return written
@@ -306,6 +319,8 @@ class _Run:
     def _keep_snapshot(self, epoch: int) -> None:
         """In-memory copy of an epoch's end state whose ``_last`` file was not written
         (``checkpoint_minutes``), so that a stop request can still save it."""
+        if not ddp.is_main():
+            return
         net_state = {k: v.detach().to("cpu", copy=True) for k, v in self.net.state_dict().items()}
         opt_state = copy.deepcopy(self.optimizer.state_dict())
         self._snapshot = (epoch, net_state, opt_state)
@@ -420,6 +435,8 @@ def train_network(
     """
     cfg, device = train_config, as_device(device)
     model_dir = Path(model_dir)
+    model_name = ddp.broadcast_object(model_name)  # rank 0's name on every rank
+    progress = progress and ddp.is_main()
     model_input = model_input or ModelInput()
     _check_inputs(list(train_crops) + list(val_crops or []), net_config, cfg, model_input)
     if pretrained is not None and resume is not None:
@@ -463,6 +480,7 @@ def train_network(
     logger.info("%s%d on %s, diam_labels %.2f px", msg, cfg.n_epochs - 1, device, diam_labels)
     with StopRequest() as stop:
         _run_epochs(run, train, val, start, progress, stop)
+    ddp.barrier()  # rank 0's checkpoints are written before any rank reads them
     if stop.requested is not None:
         _stopped(run, stop.requested, start)
     if not run.last_path.exists():  # resumed after the final epoch: nothing was run
@@ -501,18 +519,21 @@ def _run_epochs(
     schedule = learning_rate_schedule(cfg.learning_rate, cfg.n_epochs)
     plan = epoch_plan(n, cfg, range(start, cfg.n_epochs))
     dataset = PatchBatches(train, plan, cfg.seed, cfg.scale_range, cfg)
+    if run.env.world > 1:  # this rank's share of each global batch, drawn exactly
+        dataset = ddp.ShardPatchBatches(train, plan, cfg.seed, cfg.scale_range, cfg, run.env)
     val_batches = None if val is None else validation_batches(val, cfg, run.device)
     bar = tqdm(total=cfg.n_epochs - start, desc="epochs", disable=not progress)
     total, tic = 0.0, time.perf_counter()
     for k, (imgs, lbls) in enumerate(make_loader(dataset, cfg.num_workers, run.device)):
-        if stop is not None and stop.requested is not None:
+        if stop is not None and ddp.any_rank(stop.requested is not None):
+            stop.requested = stop.requested or signal.SIGTERM  # every rank stops here
             break  # at a batch boundary; the caller saves the last completed epoch
         _, epoch, batch_no, idx = plan[k]
         if batch_no == 0:
             for group in run.optimizer.param_groups:
                 group["lr"] = float(schedule[epoch])
             total, tic = 0.0, time.perf_counter()
-        total += run.step(imgs, lbls) * len(idx)
+        total += run.step(imgs, lbls, len(idx)) * len(idx)
         if batch_no < per_epoch - 1:
             continue
         val_loss = None

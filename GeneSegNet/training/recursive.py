@@ -50,10 +50,12 @@ from GeneSegNet.io.layout import label_folder_for_round
 from GeneSegNet.model.checkpoint import load_checkpoint
 from GeneSegNet.model.net import NetConfig
 from GeneSegNet.model.predict import EvalConfig
+from GeneSegNet.training import ddp
 from GeneSegNet.training.config import AUTO_METHOD, GROW_METHOD, RecursiveConfig, TrainConfig
 from GeneSegNet.training.loop import model_name_for, pretrained_weights, train_network
 from GeneSegNet.training.manifest import (
     EvaluationRecord,
+    RelabelRecord,
     RoundRecord,
     RunManifest,
     RunSettings,
@@ -64,6 +66,7 @@ from GeneSegNet.training.relabel import (
     grow_start_labels,
     relabel_dataset,
     resolve_refine_method,
+    sample_folder_of,
     summarise_labels,
     warn_cell_loss,
 )
@@ -151,7 +154,8 @@ def run_recursive_training(
                          nchan=image_channels_for(rc.chan) + model_input.n_transcripts)
     eval_config = replace(eval_config, **model_input.eval_fields())
     saved = _resume_info(Path(resume), net_config.nchan) if resume is not None else {}
-    run_id = str(saved.get("run_id") or datetime.now().strftime("%Y_%m_%d_%H_%M_%S.%f"))
+    run_id = ddp.broadcast_object(  # under torchrun: rank 0's id on every rank
+        str(saved.get("run_id") or datetime.now().strftime("%Y_%m_%d_%H_%M_%S.%f")))
     first = int(saved.get("round", 1))
     if first > rc.recursive_num:
         raise InputError(f"checkpoint is from round {first} > --recursive_num", resume)
@@ -181,9 +185,11 @@ def run_recursive_training(
     cache = FlowTargetCache(flow_cache_dir, device=device) if flow_cache_dir else None
     if first == 1 and rc.grows_start_labels():
         manifest.start_labels = {
-            k: grow_start_labels(v, rc, run_id) for k, v in start_crops.items()
+            k: _relabel_split(lambda mine, v=v: grow_start_labels(mine, rc, run_id), v, rc,
+                              k, 1)
+            for k, v in start_crops.items()
         }
-        manifest.write(save_dir)
+        _write_manifest(manifest, save_dir)
     del start_crops
     previous = manifest.rounds[-1].model_used if manifest.rounds else None
     logger.info(
@@ -208,7 +214,7 @@ def run_recursive_training(
         )
         previous = record.model_used
         manifest.rounds.append(record)
-        manifest.write(save_dir)
+        _write_manifest(manifest, save_dir)
         relabelled = (record.relabelled or {}).get("train")
         if n < rc.recursive_num and relabelled and train_config.min_train_masks > 0:
             if relabelled.n_cells == 0:
@@ -218,8 +224,42 @@ def run_recursive_training(
                     "--diameter / --diam_mean"
                 )
     manifest.finish()
-    manifest.write(save_dir)
+    _write_manifest(manifest, save_dir)
     return manifest
+
+
+def _write_manifest(manifest: RunManifest, save_dir: Path) -> None:
+    """Write the run manifest (rank 0 only under torchrun)."""
+    if ddp.is_main():
+        manifest.write(save_dir)
+
+
+def _relabel_split(relabel, crops: list[Crop], rc: RecursiveConfig, what: str,
+                   round_index: int) -> RelabelRecord:
+    """``relabel(crops)`` (a relabelling that writes the crops' refined labels and returns
+    its record); under torchrun each rank relabels the crops of its share of the sample
+    folders, and rank 0 records the whole set: counts summed, folders in order, the label
+    statistics of the written labels (re-read), on every rank."""
+    env = ddp.current_env()
+    if env.world == 1:
+        return relabel(crops)
+    mine = ddp.shard_by_group(crops, sample_folder_of, env)
+    parts = [p for p in ddp.gather_objects(relabel(mine) if mine else None) if p is not None]
+    record = None
+    if ddp.is_main():
+        root = {"train": rc.train_dir, "val": rc.val_dir}[what]
+        written = load_dataset(root, round_index=max(2, round_index + 1),
+                               refined_name=rc.refined_name, **rc.load_kwargs())
+        stats = summarise_labels(written, rc.pixel_size_um)
+        order = {f: i for i, f in enumerate(dict.fromkeys(sample_folder_of(c) for c in crops))}
+        merges = [p.merge for p in parts if p.merge is not None]
+        record = RelabelRecord(
+            n_crops=sum(p.n_crops for p in parts), n_cells=stats.n_cells,
+            folders=sorted((f for p in parts for f in p.folders),
+                           key=lambda f: order.get(Path(f).parent, len(order))),
+            method=parts[0].method, stats=stats,
+            merge={k: sum(m[k] for m in merges) for k in merges[0]} if merges else None)
+    return ddp.broadcast_object(record)
 
 
 def _run_round(
@@ -282,15 +322,17 @@ def _run_round(
         training=TrainingSummary.from_result(result),
         input_labels={k: summarise_labels(v, rc.pixel_size_um) for k, v in crops.items()},
     )
-    if rc.test_dir is not None:
+    if rc.test_dir is not None and ddp.is_main():  # the test pass runs on rank 0
         run_dir = Path(rc.save_model_dir) / f"run_{run_id}"
         record.test = _test_round(rc, n, net, meta, eval_config, run_id, used, device, progress,
                                   run_dir)  # fmt: skip
+    ddp.barrier()
     if n < rc.recursive_num or rc.relabel_last_round:
         record.relabelled = {
-            k: relabel_dataset(
-                net, meta, v, rc, eval_config, n, run_id, device=device, progress=progress
-            )
+            k: _relabel_split(
+                lambda mine: relabel_dataset(net, meta, mine, rc, eval_config, n, run_id,
+                                             device=device, progress=progress),
+                v, rc, k, n)
             for k, v in crops.items()
         }
         for k, relabelled in record.relabelled.items():
