@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from tqdm import tqdm
 
-from GeneSegNet.io.images import write_label, write_tiled_tiff
+from GeneSegNet.io.images import write_tiled_tiff
 from GeneSegNet.io.metadata import SampleMetadata, metadata_path
 from GeneSegNet.vendors.common import (
     CONTROLS_DIR,
@@ -38,6 +39,7 @@ from GeneSegNet.vendors.common import (
     TranscriptCounts,
     TranscriptSink,
     pixel_size_of,
+    prefetched,
     row_tiles,
     write_sample_metadata,
 )
@@ -56,6 +58,8 @@ class Bundle:
     affine : (2, 3) µm -> image px.
     batches : yields Arrow tables with x, y (float64 image px), gene, optional qv, extras.
     nuclei : (shape) -> (uint32 labels (H, W), vendor ids), or None when the bundle has none.
+    polygons : () -> the nuclei as a PolygonSet in image px (drawn strip by strip on large
+        images), or None when the bundle's nuclei are not polygons.
     """
 
     platform: str
@@ -70,6 +74,7 @@ class Bundle:
     min_qv: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
     nuclei: Callable[[tuple[int, int]], tuple[np.ndarray, list[Any]]] | None = None
+    polygons: Callable[[], Any] | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -98,13 +103,15 @@ class ImportResult:
 def import_bundle(bundle: Bundle, base_dir: str | Path, sample: str, *,
                   with_labels: bool = False, expand_um: float = 0.0,
                   overwrite: bool = False, max_outside_fraction: float = 0.05,
-                  compression: str | None = "zlib") -> ImportResult:
+                  compression: str | None = "zlib", tiled_labels: bool | None = None
+                  ) -> ImportResult:
     """Write ``bundle`` into the raw layout under ``base_dir`` as ``sample``.
 
     Every output is written under a temporary name and renamed only when all succeeded.
     Transcripts first (the transform's fit to the image is checked, InputError if more
     than ``max_outside_fraction`` of the genes fall outside), then the image strip by
-    strip, then the optional labels and the metadata.
+    strip, then the optional labels (strip by strip on large images, ``tiled_labels``
+    None = by size; see :mod:`.tiled_labels`) and the metadata.
     """
     base = Path(base_dir)
     staging = Staging(overwrite=overwrite)
@@ -128,11 +135,15 @@ def import_bundle(bundle: Bundle, base_dir: str | Path, sample: str, *,
         clock = time.perf_counter()
         seconds: dict[str, float] = {}
         schema = None
-        for batch in bundle.batches():
-            schema = batch.schema
-            sink.add(batch)
-            if sink.counts.read >= 1_000_000 and sink.counts.read - batch.num_rows < 1_000_000:
-                sink.check_fit()  # fail early on a wrong transform
+        batches = prefetched(bundle.batches())
+        try:
+            for batch in tqdm(batches, desc="transcripts", unit="batch", leave=False):
+                schema = batch.schema
+                sink.add(batch)
+                if 1_000_000 <= sink.counts.read < 1_000_000 + batch.num_rows:
+                    sink.check_fit()  # fail early on a wrong transform
+        finally:
+            batches.close()  # stops the reading thread at once on an error
         counts = sink.close(schema)
         logger.info("%s: %d transcripts read, %d spots kept, %d controls %s, %d below qv, "
                     "%d outside the image", bundle.transcripts_path, counts.read,
@@ -145,16 +156,15 @@ def import_bundle(bundle: Bundle, base_dir: str | Path, sample: str, *,
                          bundle.image_shape, bundle.image_dtype, IMAGE_TILE,
                          pixel_size_um=bundle.pixel_size_um, compression=compression)
         seconds["image"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         n_cells = None
         if labels_tmp is not None:
-            labels, ids = bundle.nuclei(bundle.image_shape)
-            if expand_um:
-                from GeneSegNet.data.nuclei import expand_labels_um
+            from GeneSegNet.vendors.tiled_labels import write_vendor_labels
 
-                labels = expand_labels_um(labels, expand_um, bundle.pixel_size_um)
-            write_label(labels_tmp, labels)
+            ids = write_vendor_labels(bundle, labels_tmp, expand_um, tiled_labels)
             write_ids(ids_tmp, ids)
             n_cells = len(ids)
+            seconds["labels"] = time.perf_counter() - clock
         meta = SampleMetadata(pixel_size_um=bundle.pixel_size_um, platform=bundle.platform,
                               um_to_px=tuple(tuple(float(v) for v in r) for r in bundle.affine),
                               source=bundle.pixel_size_source)

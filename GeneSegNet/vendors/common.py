@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,8 +97,24 @@ def apply_affine(affine: Affine, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarr
     """(x_px, y_px) = affine @ (x_um, y_um, 1); (N,) float64 arrays."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    a = affine
-    return a[0, 0] * x + a[0, 1] * y + a[0, 2], a[1, 0] * x + a[1, 1] * y + a[1, 2]
+    return _affine_row(affine[0], x, y), _affine_row(affine[1], x, y)
+
+
+def _affine_row(row: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``row[0] x + row[1] y + row[2]`` (float64, (N,)), skipping a zero x or y term.
+
+    Equal to the full sum: a zero term adds exactly 0.0 (a non-finite x or y, whose zero
+    term would be NaN, makes the other coordinate NaN, and such rows are dropped)."""
+    a, b, c = (float(v) for v in row)
+    if b == 0.0:
+        out = np.multiply(x, a)
+    elif a == 0.0:
+        out = np.multiply(y, b)
+    else:
+        out = np.multiply(x, a)
+        out += b * y
+    out += c
+    return out
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -209,6 +225,7 @@ class TranscriptSink:
         self._pending: Future | None = None
 
     def _categories(self, dictionary: pa.Array) -> np.ndarray:
+        """Control category (or "") of each entry of a gene dictionary: (D,) object."""
         out = np.empty(len(dictionary), dtype=object)
         for i, gene in enumerate(dictionary.to_pylist()):
             cat = self._category_cache.get(gene)
@@ -218,6 +235,11 @@ class TranscriptSink:
         return out
 
     def add(self, batch: pa.Table) -> None:
+        """Split one batch into spots and controls, count the drops, queue the writes.
+
+        Per-row work is vectorised: boolean masks over (N,) numpy views of the Arrow
+        columns (zero-copy where the column has no nulls), control status looked up once
+        per gene dictionary entry and gathered by the dictionary codes."""
         n = batch.num_rows
         if n == 0:
             return
@@ -226,42 +248,54 @@ class TranscriptSink:
         if not pa.types.is_dictionary(gene.type):
             gene = pc.dictionary_encode(gene.cast(pa.string()))
         gene = gene.combine_chunks() if isinstance(gene, pa.ChunkedArray) else gene
-        gene = gene.cast(GENE_TYPE)
+        if gene.type != GENE_TYPE:
+            gene = gene.cast(GENE_TYPE)
         batch = batch.set_column(batch.schema.get_field_index("gene"), "gene", gene)
-        keep = np.ones(n, dtype=bool)
+        x, y = _numpy_column(batch, "x"), _numpy_column(batch, "y")
+        # NaN compares False, so a non-finite coordinate is never "inside"
+        inside = x >= 0
+        inside &= x < self.width
+        inside &= y >= 0
+        inside &= y < self.height
+        keep = None
         if self.min_qv is not None and "qv" in batch.column_names:
-            qv = batch.column("qv").to_numpy(zero_copy_only=False)
-            good_qv = qv >= self.min_qv
-            self.counts.low_qv += int(n - good_qv.sum())
-            keep &= good_qv
-        x = batch.column("x").to_numpy(zero_copy_only=False)
-        y = batch.column("y").to_numpy(zero_copy_only=False)
-        finite = np.isfinite(x) & np.isfinite(y)
-        self.counts.invalid += int((keep & ~finite).sum())
-        keep &= finite
-        with np.errstate(invalid="ignore"):
-            inside = (x >= 0) & (y >= 0) & (x < self.width) & (y < self.height)
+            keep = _numpy_column(batch, "qv") >= self.min_qv
+            self.counts.low_qv += n - int(np.count_nonzero(keep))
+        outside = ~inside if keep is None else keep & ~inside
+        out_rows = np.flatnonzero(outside)
+        if len(out_rows):
+            bad = ~(np.isfinite(x[out_rows]) & np.isfinite(y[out_rows]))
+            self.counts.invalid += int(np.count_nonzero(bad))
+            if keep is None:
+                keep = np.ones(n, dtype=bool)
+            keep[out_rows[bad]] = False
+            outside[out_rows[bad]] = False
         cats = self._categories(gene.dictionary)
         is_control_entry = cats != ""
-        codes = gene.indices.to_numpy(zero_copy_only=False)
-        is_control = is_control_entry[codes]
-        ctrl = keep & is_control
-        if ctrl.any():
-            per_entry = np.bincount(codes[ctrl], minlength=len(cats))
-            for i in np.flatnonzero(per_entry):
-                self.counts.controls[cats[i]] = self.counts.controls.get(cats[i], 0) + int(
-                    per_entry[i])
-            self.counts.controls_outside += int((ctrl & ~inside).sum())
-            table = batch.filter(pa.array(ctrl))
-            table = table.append_column(
-                "category", pa.array(cats[codes[ctrl]].astype(str)).dictionary_encode())
+        table = None
+        if is_control_entry.any():
+            codes = gene.indices.to_numpy(zero_copy_only=False)
+            is_control = is_control_entry[codes]
+            ctrl = is_control if keep is None else keep & is_control
+            ctrl_rows = np.flatnonzero(ctrl)
+            if len(ctrl_rows):
+                ctrl_codes = codes[ctrl_rows]
+                per_entry = np.bincount(ctrl_codes, minlength=len(cats))
+                for i in np.flatnonzero(per_entry):
+                    self.counts.controls[cats[i]] = self.counts.controls.get(cats[i], 0) + int(
+                        per_entry[i])
+                self.counts.controls_outside += int(np.count_nonzero(outside[ctrl_rows]))
+                table = batch.take(pa.array(ctrl_rows))
+                category = pa.array(cats.astype(str)).take(pa.array(ctrl_codes))
+                table = table.append_column("category", category.dictionary_encode())
+            genes = ~is_control if keep is None else keep & ~is_control
         else:
-            table = None
-        genes = keep & ~is_control
-        self.counts.outside += int((genes & ~inside).sum())
+            genes = np.ones(n, dtype=bool) if keep is None else keep
+        self.counts.outside += int(np.count_nonzero(genes & outside))
         genes &= inside
-        self.counts.spots += int(genes.sum())
-        spots = batch.filter(pa.array(genes))
+        n_genes = int(np.count_nonzero(genes))
+        self.counts.spots += n_genes
+        spots = batch if n_genes == n else batch.filter(pa.array(genes))
         self._wait()
         self._pending = self._pool.submit(self._write_both, spots, table)
 
@@ -281,10 +315,13 @@ class TranscriptSink:
         if writer is None:
             # dictionary pages only for dictionary columns (genes, ids): trying them on
             # random floats costs more than the rest of the import
+            # and no min/max statistics for them either (Arrow computes those on the decoded
+            # strings: a third of the write time, and no reader here filters on genes)
             text = [f.name for f in table.schema if pa.types.is_dictionary(f.type)]
+            numeric = [f.name for f in table.schema if f.name not in text]
             writer = pq.ParquetWriter(path, table.schema, compression="lz4",
-                                      use_dictionary=text)
-        else:
+                                      use_dictionary=text, write_statistics=numeric)
+        elif table.schema != writer.schema:
             table = table.cast(writer.schema)
         writer.write_table(table)
         return writer
@@ -392,9 +429,11 @@ def row_tiles(read_rows: RowReader, shape: tuple[int, int], dtype: np.dtype,
               tile: int = IMAGE_TILE) -> Iterator[np.ndarray]:
     """``tile`` x ``tile`` tiles (row-major, edge tiles zero-padded) of an (H, W) image read
     one strip of ``tile`` rows at a time (memory: one strip)."""
+    from tqdm import tqdm
+
     height, width = int(shape[0]), int(shape[1])
     padded_w = -(-width // tile) * tile
-    for r0 in range(0, height, tile):
+    for r0 in tqdm(range(0, height, tile), desc="image", unit="strip", leave=False):
         r1 = min(r0 + tile, height)
         strip = np.zeros((tile, padded_w), dtype=dtype)
         strip[: r1 - r0, :width] = read_rows(r0, r1)
@@ -446,11 +485,13 @@ def iter_table(path: Path, columns: list[str], dictionary: list[str] = (),
     """Stream ``columns`` of a Parquet (by row group / batch) or CSV(.gz) (by block) table.
 
     ``dictionary`` columns are read dictionary-encoded (genes: one string per gene, not
-    per transcript). Memory: one batch.
+    per transcript). Memory: one batch (it stays flat over the whole table).
     """
     try:
         if path.suffix in (".parquet", ".pq"):
-            pf = pq.ParquetFile(path, read_dictionary=list(dictionary))
+            # pre_buffer off: with it, Arrow keeps every row group's bytes read so far
+            # until the iteration ends (+20 MB per 1 M Xenium rows: 2 GB at 10^8)
+            pf = pq.ParquetFile(path, read_dictionary=list(dictionary), pre_buffer=False)
             for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 yield pa.Table.from_batches([rb])
             return
@@ -468,7 +509,65 @@ def iter_table(path: Path, columns: list[str], dictionary: list[str] = (),
         raise InputError(f"cannot read transcripts ({exc})", path) from exc
 
 
+def prefetched(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
+    """Yield ``items``, producing up to ``depth`` of them ahead in a background thread.
+
+    Decoding the next transcript batch (Parquet / CSV decoding releases the GIL) then
+    overlaps the work on the current one. An exception of the producer is raised here;
+    closing this generator early stops the producer."""
+    import queue
+    import threading
+
+    box: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            box.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            box.put((done, exc))
+
+    worker = threading.Thread(target=produce, name="prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = box.get()
+            if item is done:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                box.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.1)
+
+
 def as_float(table: pa.Table, name: str) -> np.ndarray:
     """Column ``name`` as a (N,) float64 array (nulls -> NaN)."""
     col = table.column(name)
+    if col.null_count == 0 and pa.types.is_floating(col.type):
+        return _numpy_column(table, name).astype(np.float64, copy=False)
     return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _numpy_column(table: pa.Table, name: str) -> np.ndarray:
+    """Column ``name`` as a (N,) numpy array, zero-copy when it is one chunk without nulls
+    (nulls of a numeric column -> NaN)."""
+    col = table.column(name)
+    if col.num_chunks == 1 and col.null_count == 0:
+        return col.chunk(0).to_numpy(zero_copy_only=False)
+    return col.to_numpy()

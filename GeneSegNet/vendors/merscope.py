@@ -99,26 +99,29 @@ def open_merscope(bundle: str | Path, z: int | None = None, transcripts: str | P
             yield pa.table(cols)
 
     boundaries = bundle / "cell_boundaries.parquet"
-    nuclei = None
+    nuclei = polygons = None
     if boundaries.is_file():
         def nuclei(shape: tuple[int, int]) -> tuple[np.ndarray, list[Any]]:
             return cells_from_boundaries(boundaries, affine, shape, plane)
+
+        def polygons() -> Any:
+            return merscope_polygons(boundaries, affine, plane)
 
     return Bundle(platform="merscope", image_reader=reader, image_shape=shape,
                   image_dtype=dtype, affine=affine, pixel_size_um=pixel,
                   pixel_size_source=str(TRANSFORM), transcripts_path=tx_path, batches=batches,
                   details={"bundle": str(bundle), "image_file": str(planes[plane]),
                            "z": plane},
-                  nuclei=nuclei, closers=[tif.close])
+                  nuclei=nuclei, polygons=polygons, closers=[tif.close])
 
 
-def cells_from_boundaries(path: Path, affine: np.ndarray, shape: tuple[int, int],
-                          z: int | None) -> tuple[np.ndarray, list[Any]]:
-    """Rasterise ``cell_boundaries.parquet`` WKB (multi)polygons (µm) onto the grid."""
+def merscope_polygons(path: Path, affine: np.ndarray, z: int | None) -> Any:
+    """``cell_boundaries.parquet`` WKB (multi)polygons (µm) as a
+    :class:`~GeneSegNet.data.nuclei.PolygonSet` in image px (labels in file order)."""
     import pyarrow.parquet as pq
     import shapely
 
-    from GeneSegNet.data.nuclei import rasterize_polygons
+    from GeneSegNet.data.nuclei import PolygonSet
 
     columns = require_columns(path, ["EntityID", "Geometry"])
     use = ["EntityID", "Geometry"] + (["ZIndex"] if "ZIndex" in columns else [])
@@ -142,4 +145,11 @@ def cells_from_boundaries(path: Path, affine: np.ndarray, shape: tuple[int, int]
             holes = [to_px(np.asarray(r.coords)) for p in parts for r in p.interiors]
             yield vid, ext, holes
 
-    return rasterize_polygons(cells(), shape)
+    return PolygonSet.from_cells(cells())
+
+
+def cells_from_boundaries(path: Path, affine: np.ndarray, shape: tuple[int, int],
+                          z: int | None) -> tuple[np.ndarray, list[Any]]:
+    """Rasterise ``cell_boundaries.parquet`` WKB (multi)polygons (µm) onto the grid."""
+    polys = merscope_polygons(path, affine, z)
+    return polys.render(shape, (0, int(shape[0]))), polys.ids

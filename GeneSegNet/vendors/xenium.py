@@ -150,7 +150,8 @@ def open_xenium(bundle: str | Path, level: int = 0, z: int | None = None,
                   affine=affine, pixel_size_um=float(np.sqrt(psx * psy)) * scale,
                   pixel_size_source=source + (f" x 2^{level} (level {level})" if level else ""),
                   transcripts_path=tx_path, batches=batches, min_qv=min_qv, details=details,
-                  nuclei=_nuclei_loader(bundle, affine, level), closers=[tif.close])
+                  nuclei=_nuclei_loader(bundle, affine, level),
+                  polygons=_polygon_loader(bundle, affine), closers=[tif.close])
 
 
 def _is_text(path: Path, column: str) -> bool:
@@ -174,30 +175,50 @@ def _nuclei_loader(bundle: Path, affine: np.ndarray, level: int) -> Any:
     return None
 
 
+def _polygon_loader(bundle: Path, affine: np.ndarray) -> Any:
+    boundaries = bundle / "nucleus_boundaries.parquet"
+    if boundaries.is_file():
+        return lambda: xenium_polygons(boundaries, affine)
+    return None
+
+
+def xenium_polygons(path: Path, affine: np.ndarray) -> Any:
+    """``nucleus_boundaries.parquet`` (one row per vertex, µm, rows of a cell together) as a
+    :class:`~GeneSegNet.data.nuclei.PolygonSet` in image px: one ring per cell, labels in
+    file order. Built without a Python object per cell."""
+    import pyarrow.parquet as pq
+
+    from GeneSegNet.data.nuclei import PolygonSet
+
+    require_columns(path, ["cell_id", "vertex_x", "vertex_y"])
+    try:
+        table = pq.read_table(path, columns=["cell_id", "vertex_x", "vertex_y"])
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"cannot read nucleus boundaries ({exc})", path) from exc
+    xs, ys = apply_affine(affine, as_float(table, "vertex_x"), as_float(table, "vertex_y"))
+    cell = table.column("cell_id").combine_chunks()
+    if pa.types.is_dictionary(cell.type):
+        cell = cell.dictionary_decode()
+    n = len(cell)
+    if n == 0:
+        starts = np.zeros(1, np.int64)
+        ids: list[Any] = []
+    else:
+        same = pc.equal(cell.slice(1), cell.slice(0, n - 1)).fill_null(False)
+        change = np.flatnonzero(~same.to_numpy(zero_copy_only=False)) + 1
+        starts = np.concatenate([[0], change, [n]]).astype(np.int64)
+        first = cell.take(pa.array(starts[:-1]))
+        ids = [v.decode() if isinstance(v, bytes) else v for v in first.to_pylist()]
+    k = len(ids)
+    return PolygonSet(xs, ys, starts, np.zeros(k, bool), np.arange(k + 1, dtype=np.int64),
+                      ids)
+
+
 def nuclei_from_boundaries(path: Path, affine: np.ndarray, shape: tuple[int, int]
                            ) -> tuple[np.ndarray, list[Any]]:
     """Rasterise ``nucleus_boundaries.parquet`` (vertices in µm) onto the (H, W) grid."""
-    import pyarrow.parquet as pq
-
-    from GeneSegNet.data.nuclei import rasterize_polygons
-
-    require_columns(path, ["cell_id", "vertex_x", "vertex_y"])
-    table = pq.read_table(path, columns=["cell_id", "vertex_x", "vertex_y"])
-    ids = table.column("cell_id").to_numpy(zero_copy_only=False)
-    xs, ys = apply_affine(affine, as_float(table, "vertex_x"), as_float(table, "vertex_y"))
-    if len(ids) == 0:
-        return np.zeros(shape, dtype=np.uint32), []
-    change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
-    starts = np.concatenate([[0], change])
-    ends = np.concatenate([change, [len(ids)]])
-
-    def cells() -> Iterator[tuple[Any, list[np.ndarray], list[np.ndarray]]]:
-        for s, e in zip(starts, ends, strict=True):
-            vid = ids[s]
-            yield (vid.decode() if isinstance(vid, bytes) else vid,
-                   [np.column_stack([xs[s:e], ys[s:e]])], [])
-
-    return rasterize_polygons(cells(), shape)
+    polys = xenium_polygons(path, affine)
+    return polys.render(shape, (0, int(shape[0]))), polys.ids
 
 
 def nuclei_from_masks(path: Path, level: int, shape: tuple[int, int]
