@@ -39,7 +39,7 @@ from GeneSegNet.cli.types import (
 )
 from GeneSegNet.cli.upstream import check_unsupported
 from GeneSegNet.dynamics import DEFAULT_FLOW_TARGET_MODE, FLOW_TARGET_MODES
-from GeneSegNet.log import setup_logging
+from GeneSegNet.log import errors_only, setup_logging
 
 logger = logging.getLogger("GeneSegNet.scripts.GeneSeg_train")
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             setup_logging(args.verbose, log_file=args.save_model_dir / LOG_NAME)
         else:  # the log is rank 0's; other ranks report errors only
-            logging.getLogger("GeneSegNet").setLevel(logging.ERROR)
+            errors_only()
         if args.deterministic:
             _deterministic()
         if device.type == "cuda" and not args.deterministic:

@@ -43,3 +43,9 @@ def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> 
     logging.getLogger(PROJECT_LOGGER).setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def errors_only() -> None:
+    """Let only the project's errors through (the non-zero ranks of a multi-process run:
+    rank 0 writes the log)."""
+    logging.getLogger(PROJECT_LOGGER).setLevel(logging.ERROR)

@@ -188,7 +188,8 @@ def train_and_score(model: str, args, crops: Path, raw: Path, names: list[str],
     run = out / f"run_{model}"
     test_root = out / f"test_{model}"
     flags = [*TRAIN_FLAGS, "--n_epochs", str(args.n_epochs), "--nbase", *map(str, args.nbase),
-             "--train_tile_size", str(args.train_tile_size), "--diam_mean", str(args.diam_mean)]
+             "--train_tile_size", str(args.train_tile_size), "--diam_mean", str(args.diam_mean),
+             *args.train_flags.split()]
     if model == "upstream":  # upstream's relabelling; the others grow labels with transcripts
         flags += ["--refine_method", "morphology"]
     finished = [m for m in run.glob("run_*.json")
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of {','.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (stated)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train_flags", default="",
+                        help="extra GeneSeg_train.py flags for every model, e.g. "
+                             "'--max_growth_um 4'")
     parser.add_argument("--transcript_sigma_um", type=float, default=None,
                         help="density kernel σ of the crops (preprocessing's default if unset)")
     parser.add_argument("--working_pixel_size", type=float, default=None,
