@@ -155,6 +155,7 @@ def warm_worker(side: int = 256) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         store = SlideStore(Path(tmp) / "warm.zarr", (side, side), {"warm": 1}, "float16")
         fill_store(store)
+        store.ensure_blocks(1)
         return block_cells(store, 0, MaskSettings(block_size=side, halo=0))
 
 
