@@ -73,7 +73,7 @@ def _choose_columns(columns: list[str], path: Path) -> tuple[str, str, str | Non
 
 def read_spots(path: str | Path, scale: float = 1.0, *, strict: bool = True) -> pd.DataFrame:
     """Read a spot table into a DataFrame with columns ``x``, ``y`` (float64, pixels) and
-    ``gene`` (categorical of str).
+    ``gene`` (str objects; a table of N spots holds N Python strings).
 
     Parameters
     ----------
