@@ -139,22 +139,25 @@ def broadcast_object(obj: T) -> T:
     return box[0]
 
 
+def _collective_device() -> torch.device:
+    """Where tensors of a collective must live: the current CUDA device under NCCL, else
+    the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (e.g. a stop request)."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0])
-    if dist.get_backend() == "nccl":
-        value = value.cuda()
-    dist.all_reduce(value)
-    return bool(value.item() > 0)
+    return all_sum([1.0 if flag else 0.0])[0] > 0
 
 
-def all_sum(values: Sequence[float], device: torch.device) -> list[float]:
+def all_sum(values: Sequence[float]) -> list[float]:
     """Elementwise sum of ``values`` over the ranks (float64)."""
     if not dist.is_initialized():
         return [float(v) for v in values]
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                          device=_collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -297,7 +300,7 @@ def ddp_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, imgs: tor
     optimizer.zero_grad(set_to_none=True)
     (loss * shard_loss_weight(len(imgs), n_global, world)).backward()
     optimizer.step()
-    return all_sum([float(loss.detach()) * len(imgs)], torch.device("cpu"))[0] / n_global
+    return all_sum([float(loss.detach()) * len(imgs)])[0] / n_global
 
 
 def shard_by_group(items: Sequence[T], key: Callable[[T], Any], env: DistEnv) -> list[T]:

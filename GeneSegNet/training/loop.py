@@ -285,7 +285,7 @@ class _Run:
                 count += len(imgs)
         self.net.train()
         if self.env.world > 1:
-            total, count = ddp.all_sum([total, count], self.device)
+            total, count = ddp.all_sum([total, count])
         return total / count
 
     def _payload(self, epoch: int, kind: str) -> dict[str, Any]:
