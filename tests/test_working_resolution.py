@@ -156,3 +156,16 @@ def test_inference_at_half_resolution_writes_full_resolution_results(raw, tmp_pa
         assert len(table) == len(read_spots(raw / "spots" / f"{name}.csv"))
         under = labels[table.spotY.astype(int), table.spotX.astype(int)]
         np.testing.assert_array_equal(table.cell_id, under)
+
+
+def test_inference_refuses_a_working_pixel_size_without_pixel_sizes_before_any_work(
+        raw, tmp_path, caplog):
+    for meta in (raw / "metadata").iterdir():
+        meta.unlink()
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "tiny.pt", GeneSegUNet(NetConfig(nbase=(8, 16, 16, 16))))
+    out = tmp_path / "out"
+    code = infer(["--root_dir", str(raw), "--save_dir", str(out), "--model_file", str(model),
+                  "--working_pixel_size", "1.0"])
+    assert code != 0 and "--working_pixel_size" in caplog.text and "sample_00" in caplog.text
+    assert not list(out.glob("label_*"))

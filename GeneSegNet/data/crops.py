@@ -36,7 +36,13 @@ import pandas as pd
 
 from GeneSegNet.data.gene_embedding import GeneEmbedding, learn_gene_embedding
 from GeneSegNet.data.heatmap import DEFAULT_SIGMA, heatmap_to_uint8, render_heatmap
-from GeneSegNet.data.resample import resample_image, resample_labels, scale_spots, working_shape
+from GeneSegNet.data.resample import (
+    require_pixel_sizes,
+    resample_image,
+    resample_labels,
+    scale_spots,
+    working_shape,
+)
 from GeneSegNet.data.sample_info import (
     UPSTREAM_TRANSCRIPTS,
     SampleInfo,
@@ -420,11 +426,7 @@ def prepare_dataset(base_dir: str | Path, save_dir: str | Path, config: CropConf
                                raw_input_folders(base_dir), replaced=True)
     pixel_sizes = {name: resolve_pixel_size(base_dir, name, pixel_size) for name in names}
     if working_pixel_size is not None:
-        unknown = sorted(name for name, pixel in pixel_sizes.items() if pixel is None)
-        if unknown:
-            raise InputError(f"--working_pixel_size needs every pixel size; none for "
-                             f"{', '.join(unknown[:5])}: give --pixel_size or write "
-                             f"{metadata_path(base_dir, unknown[0])}")
+        require_pixel_sizes(pixel_sizes, Path(base_dir))
     transcripts = choose_transcript_input(pixel_sizes, transcript_input,
                                           sigma_um=transcript_sigma_um,
                                           gene_channels=gene_channels, base_dir=base_dir)

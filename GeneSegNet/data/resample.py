@@ -16,11 +16,14 @@ per-axis factor.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 from skimage.transform import resize
 
 from GeneSegNet.errors import InputError
+from GeneSegNet.io.metadata import metadata_path
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,18 @@ def working_shape(shape: tuple[int, int], pixel_size_um: float, working_pixel_si
                          f"{working_pixel_size_um} µm/px")
     factor = pixel_size_um / working_pixel_size_um
     return (max(1, int(round(shape[0] * factor))), max(1, int(round(shape[1] * factor))))
+
+
+def require_pixel_sizes(pixel_sizes: Mapping[str, float | None], metadata_base: Path | None
+                        ) -> None:
+    """InputError unless every sample has a pixel size (``--working_pixel_size`` needs
+    them), naming the first samples without one and the metadata file to write."""
+    unknown = sorted(name for name, pixel in pixel_sizes.items() if pixel is None)
+    if unknown:
+        where = (metadata_path(metadata_base, unknown[0]) if metadata_base is not None
+                 else f"metadata/{unknown[0]}.json")
+        raise InputError(f"--working_pixel_size needs every pixel size; none for "
+                         f"{', '.join(unknown[:5])}: give --pixel_size or write {where}")
 
 
 def axis_factors(shape: tuple[int, int], new_shape: tuple[int, int]) -> tuple[float, float]:

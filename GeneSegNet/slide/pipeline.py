@@ -19,6 +19,7 @@ from torch import nn
 import GeneSegNet
 from GeneSegNet.data.model_input import ModelInput, model_input_from_meta
 from GeneSegNet.data.resample import (
+    require_pixel_sizes,
     resample_image,
     resample_labels,
     spot_pixels_at,
@@ -211,10 +212,7 @@ def working_slide(inputs: SlideInputs, pixel_size_um: float | None,
     shape = inputs.image.shape[:2]
     if working_pixel_size_um is None or pixel_size_um == working_pixel_size_um:
         return WorkingSlide(inputs.image, inputs.rows, inputs.cols, pixel_size_um, shape)
-    if pixel_size_um is None:
-        raise InputError(f"--working_pixel_size needs the pixel size of {inputs.sample.name!r}:"
-                         " give --pixel_size or write it to its metadata file",
-                         inputs.sample.image)
+    require_pixel_sizes({inputs.sample.name: pixel_size_um}, None)
     new_shape = working_shape(shape, pixel_size_um, working_pixel_size_um)
     rows, cols = spot_pixels_at(inputs.rows, inputs.cols, shape, new_shape)
     logger.info("%s: %d×%d px at %.4g µm/px -> %d×%d px at %.4g µm/px", inputs.sample.name,
@@ -263,6 +261,8 @@ def run_slides(
     load = {"image_mode": image_mode, "spot_scale": cfg.spot_scale, "keep_table": cfg.mapping,
             "encode": encode}
     pixel_sizes = {s.name: slide_pixel_size(s.name, cfg, model_input) for s in samples}
+    if cfg.working_pixel_size_um is not None:
+        require_pixel_sizes(pixel_sizes, cfg.metadata_dir)
     if cfg.mapping:
         check_export_settings(cfg.outputs, pixel_sizes)
     first = None
@@ -270,8 +270,8 @@ def run_slides(
         first = load_slide(sample, **load)
     first_shape = first.image.shape[:2]
     if cfg.working_pixel_size_um is not None:
-        first_shape = working_shape(first_shape, pixel_sizes[samples[0].name]
-                                    or cfg.working_pixel_size_um, cfg.working_pixel_size_um)
+        first_shape = working_shape(first_shape, pixel_sizes[samples[0].name],
+                                    cfg.working_pixel_size_um)
     try:
         plan = plan_windows(
             first_shape, cfg.slide, **diams, size_multiple=net.config.size_multiple
