@@ -18,8 +18,8 @@ from GeneSegNet.data.nuclei import (
     segment_nuclei,
 )
 from GeneSegNet.errors import InputError
-from GeneSegNet.vendors.common import TranscriptSink, prefetched
 from GeneSegNet.vendors.tiled_labels import segment_tiled, write_polygon_labels
+from GeneSegNet.vendors.transcripts import TranscriptSink, prefetched
 from preprocess import import_bundle as import_script
 from preprocess import make_starting_labels as labels_script
 from tests import vendor_bundles as vb

@@ -12,7 +12,7 @@ import tifffile
 
 from GeneSegNet.errors import InputError
 from GeneSegNet.vendors import import_bundle, open_bundle
-from GeneSegNet.vendors.common import control_category
+from GeneSegNet.vendors.transcripts import control_category
 from preprocess import import_bundle as import_script
 from preprocess import make_starting_labels as labels_script
 from tests import vendor_bundles as vb

@@ -36,12 +36,14 @@ from GeneSegNet.vendors.common import (
     Affine,
     RowReader,
     Staging,
-    TranscriptCounts,
-    TranscriptSink,
     pixel_size_of,
-    prefetched,
     row_tiles,
     write_sample_metadata,
+)
+from GeneSegNet.vendors.transcripts import (
+    TranscriptCounts,
+    TranscriptSink,
+    prefetched,
 )
 
 logger = logging.getLogger(__name__)

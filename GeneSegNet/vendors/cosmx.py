@@ -42,11 +42,13 @@ from GeneSegNet.errors import InputError
 from GeneSegNet.io.metadata import check_pixel_size
 from GeneSegNet.vendors import Bundle
 from GeneSegNet.vendors.common import (
+    require_file,
+    scale_affine,
+)
+from GeneSegNet.vendors.transcripts import (
     as_float,
     iter_table,
     require_columns,
-    require_file,
-    scale_affine,
 )
 
 logger = logging.getLogger(__name__)

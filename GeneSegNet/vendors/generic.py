@@ -21,14 +21,16 @@ from GeneSegNet.io.metadata import check_pixel_size
 from GeneSegNet.vendors import Bundle
 from GeneSegNet.vendors.common import (
     apply_affine,
-    as_float,
     check_affine,
-    iter_table,
     open_tiff_level,
     pixel_size_of,
-    require_columns,
     require_file,
     scale_affine,
+)
+from GeneSegNet.vendors.transcripts import (
+    as_float,
+    iter_table,
+    require_columns,
 )
 
 logger = logging.getLogger(__name__)

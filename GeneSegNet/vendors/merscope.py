@@ -29,13 +29,15 @@ from GeneSegNet.errors import InputError
 from GeneSegNet.vendors import Bundle
 from GeneSegNet.vendors.common import (
     apply_affine,
-    as_float,
     check_affine,
-    iter_table,
     open_tiff_level,
     pixel_size_of,
-    require_columns,
     require_file,
+)
+from GeneSegNet.vendors.transcripts import (
+    as_float,
+    iter_table,
+    require_columns,
 )
 
 logger = logging.getLogger(__name__)

@@ -33,13 +33,15 @@ from GeneSegNet.errors import InputError
 from GeneSegNet.vendors import Bundle
 from GeneSegNet.vendors.common import (
     apply_affine,
-    as_float,
-    iter_table,
     ome_pixel_size,
     open_tiff_level,
-    require_columns,
     require_file,
     scale_affine,
+)
+from GeneSegNet.vendors.transcripts import (
+    as_float,
+    iter_table,
+    require_columns,
 )
 
 logger = logging.getLogger(__name__)
