@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _configs(args: argparse.Namespace):
     from GeneSegNet.cli.args import eval_config_from_args, output_options_from_args
     from GeneSegNet.errors import InputError
-    from GeneSegNet.growth.grow import GrowParams
+    from GeneSegNet.growth.params import GrowParams
     from GeneSegNet.model.net import NetConfig
     from GeneSegNet.training.config import RecursiveConfig, TrainConfig
 

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from GeneSegNet.data import simulate  # noqa: E402
 from GeneSegNet.evaluation.metrics import average_precision, per_cell_best_iou  # noqa: E402
-from GeneSegNet.growth.grow import GrowParams, grow_labels  # noqa: E402
+from GeneSegNet.growth.grow import grow_labels  # noqa: E402
 from GeneSegNet.growth.merge import label_stats  # noqa: E402
+from GeneSegNet.growth.params import GrowParams  # noqa: E402
 
 
 def preset(name: str, size: int | None) -> tuple[simulate.TissueConfig, float]:

@@ -9,8 +9,9 @@ from skimage.segmentation import expand_labels
 from GeneSegNet.data.simulate import preset_config, simulate_tissue
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.metrics import average_precision, per_cell_best_iou
-from GeneSegNet.growth.grow import GrowParams, grow_labels
+from GeneSegNet.growth.grow import grow_labels
 from GeneSegNet.growth.merge import label_stats, merge_with_previous
+from GeneSegNet.growth.params import GrowParams
 
 
 def _spots_in(mask: np.ndarray, per_px: float, genes: list[int], rng: np.random.Generator
@@ -289,7 +290,7 @@ def test_pooled_growth_distance_is_found_from_few_transcripts_per_cell():
     """Nuclei of radius 6 px in cells of radius 14 px (4 µm of cytoplasm at 0.5 µm/px),
     ~10 transcripts per cell plus a sparse background: the pooled change point of the
     density beyond the labels is the cytoplasm width, within one px."""
-    from GeneSegNet.growth.grow import pooled_growth_um
+    from GeneSegNet.growth.density import pooled_growth_um
     rng = np.random.default_rng(0)
     shape = (400, 400)
     centres = [(r, c) for r in range(30, 400, 40) for c in range(30, 400, 40)]
@@ -306,7 +307,7 @@ def test_pooled_growth_distance_is_found_from_few_transcripts_per_cell():
 
 
 def test_borders_go_by_distance_when_cells_hold_few_transcripts():
-    from GeneSegNet.growth.grow import border_by_distance
+    from GeneSegNet.growth.density import border_by_distance
     params = GrowParams(max_growth_um=5.0, min_transcripts_per_cell=40)  # disc: 78.5 µm²
     assert border_by_distance(0.05, params) and border_by_distance(0.3, params)
     assert not border_by_distance(1.0, params)

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from GeneSegNet.data.dataset import load_dataset
 from GeneSegNet.errors import InputError
-from GeneSegNet.growth.grow import GrowParams
+from GeneSegNet.growth.params import GrowParams
 from GeneSegNet.io import read_label, read_spots, write_image, write_label
 from GeneSegNet.model.net import NetConfig
 from GeneSegNet.model.predict import EvalConfig

@@ -31,10 +31,11 @@ Coordinates: spots at continuous (row, col) pixels; a spot's pixel is
 ``(floor(row), floor(col))``; spots outside the image are ignored.
 """
 
+
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 from scipy import ndimage
@@ -44,132 +45,17 @@ from skimage.measure import label as connected_components
 from skimage.segmentation import watershed
 
 from GeneSegNet.errors import InputError
+from GeneSegNet.growth.density import (
+    border_by_distance,
+    check_labels,
+    estimate_levels,
+    pooled_growth_um,
+    spot_counts,
+    spot_pixels_in,
+)
+from GeneSegNet.growth.params import GrowParams
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GrowParams:
-    """Constants of the transcript-guided growth (lengths in µm, areas in µm²)."""
-
-    max_growth_um: float = 5.0  # farthest a cell grows beyond its input label
-    growth_scale_um: float | None = None  # distance prior width; None: max_growth_um / 2
-    density_kernel_count: float = 8.0  # expected transcripts under the density kernel
-    density_sigma_min_um: float = 1.0
-    density_sigma_max_um: float = 4.0
-    background_quantile: float = 0.05  # of the density far from any label
-    background_margin_um: float = 3.0  # "far" = beyond max_growth_um + this margin
-    min_background_fraction: float = 0.05  # of the image, else the whole image is used
-    foreground_fraction: float = 0.5  # threshold between background and cell level
-    profile_pseudocount: float = 10.0  # transcripts of global profile added to each cell
-    other_penalty: float = 1.0  # log-odds a spot needs to join a cell rather than none
-    n_neighbours: int = 4  # candidate cells per spot
-    n_iterations: int = 2  # assignment rounds (profiles re-estimated from grown cells)
-    max_hole_area_um2: float = 10.0  # enclosed background holes up to this are filled
-    new_cell_min_area_um2: float = 30.0
-    new_cell_min_transcripts: int = 5
-    new_cell_diameter_um: float | None = None  # None: from the grown cells' median area
-    merge_overlap_fraction: float = 0.2  # below this a previous cell counts as missed
-    # A missed previous cell is rejected by the transcripts only if its count is at the
-    # background level AND improbably low for a cell of its area (Poisson lower tail at
-    # the in-cell density below this): a small cell holding no transcript at ISS density
-    # is no evidence against it.
-    drop_max_p: float = 0.01
-    # Trim the input cells to the transcript foreground before growing (for labels that
-    # are already whole cells, e.g. a model's predictions): each cell keeps its core (the
-    # pixels more than max_growth_um inside its boundary) and, connected to it, its
-    # foreground pixels; a cell without such a core is kept whole. So growth does not
-    # compound over rounds, and no cell vanishes.
-    trim_to_foreground: bool = False
-    # Borders between touching cells: "transcripts" places them by the cells' assigned
-    # transcripts (gene profile and distance); "distance" by distance alone (nearest cell,
-    # as a plain expansion does), for data too sparse to place a border; "auto" takes
-    # "distance" when a typical cell holds fewer than min_transcripts_per_cell.
-    border_mode: str = "auto"
-    min_transcripts_per_cell: float = 40.0
-
-    @property
-    def distance_scale_um(self) -> float:
-        """Width of the distance prior in µm (``growth_scale_um`` or max_growth_um / 2)."""
-        return self.max_growth_um / 2 if self.growth_scale_um is None else self.growth_scale_um
-
-    def to_dict(self) -> dict[str, float | int | None]:
-        """Plain dict of every constant (for the run manifest)."""
-        return asdict(self)
-
-
-BORDER_MODES = ("auto", "transcripts", "distance")
-
-
-@dataclass(frozen=True)
-class DensityLevels:
-    """Transcript density levels of one image (per µm²) and the smoothed map."""
-
-    sigma_um: float
-    cell_per_um2: float
-    background_per_um2: float
-    threshold_per_um2: float
-    density_per_um2: np.ndarray  # (H, W) float64
-
-
-def check_labels(labels: np.ndarray, name: str) -> np.ndarray:
-    array = np.asarray(labels)
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-        raise InputError(f"{name} must be a 2-D integer label image, got {array.dtype} "
-                         f"{array.shape}")
-    if array.size and array.min() < 0:
-        raise InputError(f"{name} has negative ids; 0 is background")
-    return array.astype(np.int64)
-
-
-def spot_pixels_in(rows_px: np.ndarray, cols_px: np.ndarray, shape: tuple[int, int]
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, col) int pixels of the in-image spots and the (N,) bool in-image mask."""
-    rows = np.floor(np.asarray(rows_px, dtype=np.float64))
-    cols = np.floor(np.asarray(cols_px, dtype=np.float64))
-    if rows.shape != cols.shape or rows.ndim != 1:
-        raise InputError(f"rows_px and cols_px must be 1-D of equal length, got {rows.shape} "
-                         f"and {cols.shape}")
-    with np.errstate(invalid="ignore"):
-        inside = (rows >= 0) & (cols >= 0) & (rows < shape[0]) & (cols < shape[1])
-    return rows[inside].astype(np.int64), cols[inside].astype(np.int64), inside
-
-
-def _counts(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(H, W) float64 spots per pixel."""
-    flat = np.bincount(rows * shape[1] + cols, minlength=shape[0] * shape[1])
-    return flat.reshape(shape).astype(np.float64)
-
-
-def estimate_levels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray, *,
-                    pixel_size_um: float, params: GrowParams = GrowParams()) -> DensityLevels:
-    """Smoothed transcript density and its cell / background / threshold levels (per µm²)."""
-    labels = check_labels(labels, "labels")
-    rows, cols, _ = spot_pixels_in(rows_px, cols_px, labels.shape)
-    counts = _counts(rows, cols, labels.shape)
-    pixel_area = pixel_size_um ** 2
-    in_cells = labels > 0
-    if in_cells.any():
-        raw_cell = counts[in_cells].sum() / (in_cells.sum() * pixel_area)
-    else:
-        raw_cell = counts.sum() / (counts.size * pixel_area)
-    raw_cell = max(raw_cell, 1e-12)
-    sigma_um = float(np.clip(np.sqrt(params.density_kernel_count / (2 * np.pi * raw_cell)),
-                             params.density_sigma_min_um, params.density_sigma_max_um))
-    density = ndimage.gaussian_filter(counts, sigma_um / pixel_size_um, mode="reflect")
-    density /= pixel_area
-    cell_level = float(np.median(density[in_cells])) if in_cells.any() else \
-        float(np.quantile(density, 0.9))
-    far_px = (params.max_growth_um + params.background_margin_um) / pixel_size_um
-    far = ndimage.distance_transform_edt(~in_cells) > far_px if in_cells.any() else \
-        np.ones(labels.shape, dtype=bool)
-    pool = density[far] if far.mean() >= params.min_background_fraction else density.ravel()
-    background = float(np.quantile(pool, params.background_quantile))
-    background = min(background, cell_level)
-    threshold = background + params.foreground_fraction * (cell_level - background)
-    logger.debug("density levels /µm²: cell %.3g, background %.3g, threshold %.3g "
-                 "(sigma %.2f µm)", cell_level, background, threshold, sigma_um)
-    return DensityLevels(sigma_um, cell_level, background, threshold, density)
 
 
 def _log_profiles(cell_of_spot: np.ndarray, genes: np.ndarray, n_ids: int, n_genes: int,
@@ -344,7 +230,7 @@ def _grow_once(labels: np.ndarray, territory: np.ndarray, dist_um: np.ndarray,
         grown = _fill_small_holes(grown, params.max_hole_area_um2 / pixel_size_um ** 2)
         grown[labels > 0] = labels[labels > 0]
         return grown
-    unclaimed = _counts(rows[cell_of_spot == 0], cols[cell_of_spot == 0], shape)
+    unclaimed = spot_counts(rows[cell_of_spot == 0], cols[cell_of_spot == 0], shape)
     unclaimed = ndimage.gaussian_filter(unclaimed, sigma_px)
     best_score = np.zeros(shape)
     best_evidence = np.zeros(shape)
@@ -352,7 +238,7 @@ def _grow_once(labels: np.ndarray, territory: np.ndarray, dist_um: np.ndarray,
     spot_colour = colour[cell_of_spot]
     for k in range(territory.shape[0]):
         mine = spot_colour == k + 1
-        evidence = ndimage.gaussian_filter(_counts(rows[mine], cols[mine], shape), sigma_px)
+        evidence = ndimage.gaussian_filter(spot_counts(rows[mine], cols[mine], shape), sigma_px)
         score = evidence * np.exp(-0.5 * (dist_um[k] / params.distance_scale_um) ** 2)
         win = (territory[k] > 0) & (score > best_score)
         grown[win] = territory[k][win]
@@ -407,52 +293,9 @@ def _new_cells(grown: np.ndarray, foreground: np.ndarray, counts: np.ndarray,
     return new_id[dense]
 
 
-def border_by_distance(cell_per_um2: float, params: GrowParams) -> bool:
-    """Whether borders between touching cells go by distance alone (``params.border_mode``;
-    "auto": when a disc of radius ``max_growth_um`` at the in-cell density holds fewer
-    than ``min_transcripts_per_cell`` transcripts, too few to place a border)."""
-    if params.border_mode not in BORDER_MODES:
-        raise InputError(f"border_mode must be one of {BORDER_MODES}, got {params.border_mode!r}")
-    if params.border_mode != "auto":
-        return params.border_mode == "distance"
-    expected = cell_per_um2 * np.pi * params.max_growth_um ** 2
-    return not expected >= params.min_transcripts_per_cell
-
-
-def pooled_growth_um(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                     pixel_size_um: float, params: GrowParams, step_um: float = 0.25) -> float:
-    """How far cells extend beyond their labels, from the transcripts of all cells pooled.
-
-    Transcripts are counted in rings at distance d outside the labels, in steps of
-    ``step_um`` out to ``max_growth_um + background_margin_um``. Cells end where the
-    density changes from the in-cell rate to the background rate: the growth distance R
-    is the change point of a two-rate Poisson model (the R that maximises
-    ``N1 log(N1/A1) + N2 log(N2/A2)`` with counts N and areas A inside and beyond R, the
-    inner rate higher), at most ``max_growth_um``. Pooled over every cell, it is stable
-    even at a few transcripts per cell. Spots: int pixel (rows, cols) inside the image.
-    """
-    outside = ndimage.distance_transform_edt(labels == 0) * pixel_size_um  # µm
-    reach = params.max_growth_um + params.background_margin_um
-    edges = np.arange(step_um, reach + step_um / 2, step_um)
-    ring = np.searchsorted(edges, outside, side="left")  # k: (edges[k-1], edges[k]]
-    ring[labels > 0] = edges.size  # labelled pixels: not counted
-    n = np.bincount(ring[rows, cols], minlength=edges.size + 1)[:edges.size].astype(float)
-    a = np.bincount(ring.ravel(), minlength=edges.size + 1)[:edges.size] * pixel_size_um ** 2
-    n1, a1 = np.cumsum(n), np.cumsum(a)
-    n2, a2 = n1[-1] - n1, a1[-1] - a1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rate1, rate2 = n1 / a1, n2 / a2
-        ll = (np.where(n1 > 0, n1 * np.log(rate1), 0.0)
-              + np.where(n2 > 0, n2 * np.log(rate2), 0.0))
-    ok = (edges <= params.max_growth_um + 1e-9) & (a1 > 0) & (a2 > 0) & (rate1 > rate2)
-    if not ok.any():
-        return float(params.max_growth_um)
-    return float(edges[np.flatnonzero(ok)[np.argmax(ll[ok])]])
-
-
 def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
                 gene_codes: np.ndarray, *, pixel_size_um: float,
-                params: GrowParams = GrowParams()) -> np.ndarray:
+                params: GrowParams | None = None) -> np.ndarray:
     """Grow every cell into the territory its transcripts support; add new cells.
 
     Parameters
@@ -473,6 +316,7 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
         ``params.trim_to_foreground``: at least its core, see :func:`trim_to_foreground`),
         plus new cells numbered after ``labels.max()``.
     """
+    params = params or GrowParams()
     labels = check_labels(labels, "labels")
     if pixel_size_um <= 0:
         raise InputError(f"pixel_size_um must be positive, got {pixel_size_um}")
@@ -488,7 +332,7 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
     foreground = levels.density_per_um2 > levels.threshold_per_um2
     if params.trim_to_foreground:
         labels = trim_to_foreground(labels, foreground, params.max_growth_um / pixel_size_um)
-    counts = _counts(rows, cols, labels.shape)
+    counts = spot_counts(rows, cols, labels.shape)
     n_ids = int(labels.max()) + 1
     n_genes = int(genes.max()) + 1 if genes.size else 1
     reach_px = params.max_growth_um / pixel_size_um

@@ -15,7 +15,8 @@ import numpy as np
 from scipy import ndimage, stats
 
 from GeneSegNet.errors import InputError
-from GeneSegNet.growth.grow import GrowParams, check_labels, estimate_levels, spot_pixels_in
+from GeneSegNet.growth.density import check_labels, estimate_levels, spot_pixels_in
+from GeneSegNet.growth.params import GrowParams
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from GeneSegNet.data.transforms import HeatmapMode, check_heatmap_mode
 from GeneSegNet.dynamics.flow_targets import DEFAULT_FLOW_TARGET_MODE, check_mode
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.test_pass import OutputOptions
-from GeneSegNet.growth.grow import GrowParams
+from GeneSegNet.growth.params import GrowParams
 from GeneSegNet.io import layout as lay
 from GeneSegNet.training.refine import METHODS as REFINE_METHODS
 

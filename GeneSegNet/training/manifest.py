@@ -4,7 +4,7 @@
 :class:`RoundRecord` per finished round; ``to_dict()`` gives the JSON written after every
 round (keys: ``run_id``, ``version``, ``started``, ``status``, ``config``, ``rounds``, and
 ``start_labels`` / ``resumed`` / ``finished`` when they apply; ``config.grow_params`` holds
-the growth constants, :meth:`GeneSegNet.growth.grow.GrowParams.to_dict`). A resumed run
+the growth constants, :meth:`GeneSegNet.growth.params.GrowParams.to_dict`). A resumed run
 reads its manifest back with :meth:`RunManifest.load`.
 """
 

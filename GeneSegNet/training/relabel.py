@@ -41,8 +41,9 @@ import GeneSegNet
 from GeneSegNet.data.dataset import Crop, sample_folders
 from GeneSegNet.dynamics.masks import fill_holes_and_remove_small_masks, renumber
 from GeneSegNet.errors import InputError
-from GeneSegNet.growth.grow import GrowParams, grow_labels, regrow_whole_cells
+from GeneSegNet.growth.grow import grow_labels, regrow_whole_cells
 from GeneSegNet.growth.merge import label_stats, merge_with_previous
+from GeneSegNet.growth.params import GrowParams
 from GeneSegNet.io import staged_directory, write_label
 from GeneSegNet.io.records import write_json
 from GeneSegNet.model.predict import EvalConfig, predict_crop
