@@ -15,10 +15,7 @@ from GeneSegNet.training.ddp import (
     DistEnv,
     ShardedPlan,
     ddp_step,
-    gather_items,
     init_distributed,
-    main_only,
-    split_items,
     wrap,
 )
 
@@ -62,8 +59,8 @@ def worker(rank, port, out):
     torch.set_num_threads(1)
     env, _ = init_distributed(DistEnv(rank, 2, rank))
     net = train(env)
-    main_only(torch.save, net.state_dict(), out)
-    assert gather_items(split_items(list(range(5)), env), 5, env) == list(range(5))
+    if env.rank == 0:  # spawn joins every process before the test reads the file
+        torch.save(net.state_dict(), out)
     dist.destroy_process_group()
 
 

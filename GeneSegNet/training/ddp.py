@@ -123,13 +123,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def main_only(fn: Callable[..., T], *args, **kwargs) -> T | None:
-    """Run ``fn`` on rank 0 only (checkpoints, logs); the other ranks wait for it."""
-    out = fn(*args, **kwargs) if is_main() else None
-    barrier()
-    return out
-
-
 def broadcast_object(obj: T) -> T:
     """Rank 0's ``obj`` on every rank (e.g. the run id, a model name)."""
     if not dist.is_initialized():
@@ -319,21 +312,6 @@ def shard_by_group(items: Sequence[T], key: Callable[[T], Any], env: DistEnv) ->
         if rank == env.rank:
             mine.extend(members)
     return [items[i] for i in sorted(mine)]
-
-
-def split_items(items: Sequence[T], env: DistEnv) -> list[T]:
-    """This rank's share of the items (``items[rank::world]``)."""
-    return list(items[env.rank :: env.world])
-
-
-def gather_items(mine: list[Any], n: int, env: DistEnv) -> list[Any]:
-    """Inverse of :func:`split_items`: every rank's results, in the original order."""
-    if env.world == 1 or not dist.is_initialized():
-        return list(mine)
-    out: list[Any] = [None] * n
-    for r, part in enumerate(gather_objects(mine)):
-        out[r::env.world] = part
-    return out
 
 
 def gather_objects(obj: T) -> list[T]:
