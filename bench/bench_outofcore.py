@@ -9,6 +9,12 @@
 2. ``--network MP``: one out-of-core run of the whole pipeline with a network (a tiny
    untrained one, nbase 8/16/16/16, on a synthetic nuclei image in a tiled TIFF with 0.03
    spots/px): window pass, masks, merge and the chunked transcript mapping.
+4. ``--spots N[,N2]``: the spot stages of an out-of-core run at N transcripts on a
+   ``--spot_side`` px slide (:mod:`bench.spot_stages`): streamed (spill, disk index,
+   density scale, whole-slide heatmap, bucketed mapping) against the in-memory way
+   (read_spots, SpotIndex, map_transcripts, dense counts; only up to ``--spot_memory_max``
+   transcripts), each in a child process; prints peaks, seconds, ratios and whether the
+   mapping files are byte-identical.
 3. Mask-stage time with 1 and 2 dask workers (LocalCluster, processes, one thread each)
    on ``--dask_size`` MP; prints the ratio.
 
@@ -179,6 +185,50 @@ def dask_masks(mp: float, workers: int, folder: Path, warm: bool = False
     return seconds, merge_blocks(store, ms)
 
 
+def spot_benchmark(args) -> None:
+    """``--spots``: see the module docstring (item 4)."""
+    import shutil
+
+    from bench.spot_stages import write_grid_store, write_spot_parquet
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    side = args.spot_side
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        folder = Path(tmp)
+        start = time.perf_counter()
+        store = write_grid_store(folder / "label_s.zarr", side, args.cell_pitch)
+        cells = int(store.group.attrs["n_cells"])
+        print(f"store {side}x{side} px, {cells} cells ({time.perf_counter() - start:.0f} s)")
+        for n in [int(float(v)) for v in args.spots.split(",") if v]:
+            start = time.perf_counter()
+            parquet = write_spot_parquet(folder / f"spots_{n}.parquet", n, side)
+            print(f"{n:.3g} transcripts: parquet {parquet.stat().st_size / 2**20:.0f} MiB "
+                  f"({time.perf_counter() - start:.0f} s)")
+            got = {}
+            modes = ["stream"] + (["memory"] if n <= args.spot_memory_max else [])
+            for mode in modes:
+                shutil.rmtree(folder / "label_s.zarr" / "spots", ignore_errors=True)
+                done = subprocess.run(
+                    [sys.executable, __file__, "--spot_child", mode, str(parquet),
+                     str(folder / "label_s.zarr"), str(folder / f"out_{mode}")],
+                    capture_output=True, text=True, env=env, check=False)
+                if done.returncode:
+                    print(f"  {mode} failed: {done.stderr.strip().splitlines()[-3:]}")
+                    continue
+                r = got[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"  {mode:6s} peak {r['peak_mb']:7.0f} MiB, {r['seconds']:7.1f} s; "
+                      + ", ".join(f"{k} {r['stages'][k]:.0f} MiB/{r['times'][k]:.1f} s"
+                                  for k in r["stages"]))
+                shutil.rmtree(folder / f"out_{mode}", ignore_errors=True)
+            if len(got) == 2:
+                s, m = got["stream"], got["memory"]
+                print(f"  memory/stream peak ratio {m['peak_mb'] / s['peak_mb']:.1f}x, time "
+                      f"ratio {m['seconds'] / s['seconds']:.2f}x; same scale "
+                      f"{s['scale'] == m['scale']}, heatmap {s['heatmap'] == m['heatmap']}, "
+                      f"mapping files {s['digests'] == m['digests']}")
+            parquet.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="100", help="comma-separated megapixels")
@@ -187,8 +237,23 @@ def main() -> None:
     parser.add_argument("--network", type=float, default=0.0,
                         help="MP of the out-of-core run with a network (0: none)")
     parser.add_argument("--dask_size", type=float, default=16.0)
+    parser.add_argument("--spots", default="", help="comma-separated transcript counts")
+    parser.add_argument("--spot_side", type=int, default=20000, help="slide edge (px)")
+    parser.add_argument("--cell_pitch", type=int, default=40, help="cell grid pitch (px)")
+    parser.add_argument("--spot_memory_max", type=float, default=2e7,
+                        help="largest N also run the in-memory way")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--spot_child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.spot_child:
+        from bench.spot_stages import spot_child
+
+        mode, parquet, store, out = args.spot_child
+        print(json.dumps(spot_child(mode, Path(parquet), Path(store), Path(out), stage_peak)))
+        return
+    if args.spots:
+        spot_benchmark(args)
+        return
     if args.child:
         with tempfile.TemporaryDirectory() as tmp:
             if args.child[1] == "network":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -129,18 +130,22 @@ def _check_scale(slide_scale: float | None) -> float:
 
 
 SCALE_CHUNK = 2_000  # sampled spots processed at once (bounds the memory of the pairs)
+PAIR_BUDGET = 2_000_000  # (sample, point) pairs processed at once, unless one sample has more
+NEAR_BUDGET = 8_000_000  # points held at once by slide_density_scale_stream
 
 
-def _density_at(points: np.ndarray, sample: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+def _density_at(points: np.ndarray, sample: np.ndarray, kernel: np.ndarray,
+                low: np.ndarray | None = None) -> np.ndarray:
     """float64 [S] density (per px²) of integer ``points`` [N, 2] at integer ``sample`` [S, 2].
 
-    Points are bucketed into square blocks of R + 1 px (one sort); as |offset| <= R, a
-    sample only meets the points of its own and the 8 neighbouring blocks.
+    Points are bucketed into square blocks of R + 1 px from ``low`` (default: the points'
+    minimum; one sort); as |offset| <= R, a sample only meets the points of its own and
+    the 8 neighbouring blocks, summed block by block in point order.
     O(N log N + S·K), K the spots in 9 blocks.
     """
     radius = (len(kernel) - 1) // 2
     block = radius + 1
-    low = points.min(axis=0)
+    low = points.min(axis=0) if low is None else np.asarray(low, np.float64)
     p_block = ((points - low) // block).astype(np.int64) + 1  # +1: neighbours stay >= 0
     n_cols = int(p_block[:, 1].max()) + 2
     key = p_block[:, 0] * n_cols + p_block[:, 1]
@@ -148,11 +153,16 @@ def _density_at(points: np.ndarray, sample: np.ndarray, kernel: np.ndarray) -> n
     sorted_key = key[order]
     s_block = ((sample - low) // block).astype(np.int64) + 1
     shifts = (np.arange(-1, 2)[:, None] * n_cols + np.arange(-1, 2)[None, :]).ravel()
+    all_keys = (s_block[:, 0] * n_cols + s_block[:, 1])[:, None] + shifts
+    pairs = (np.searchsorted(sorted_key, all_keys, side="right")
+             - np.searchsorted(sorted_key, all_keys, side="left")).sum(axis=1)
     out = np.empty(len(sample))
-    for start in range(0, len(sample), SCALE_CHUNK):
-        part = sample[start: start + SCALE_CHUNK]
-        keys = (s_block[start: start + SCALE_CHUNK, 0] * n_cols
-                + s_block[start: start + SCALE_CHUNK, 1])[:, None] + shifts
+    start = 0
+    while start < len(sample):
+        cum = np.cumsum(pairs[start: start + SCALE_CHUNK])
+        step = max(1, int(np.searchsorted(cum, PAIR_BUDGET, side="right")))
+        part = sample[start: start + step]
+        keys = all_keys[start: start + step]
         first = np.searchsorted(sorted_key, keys.ravel(), side="left")
         length = np.searchsorted(sorted_key, keys.ravel(), side="right") - first
         owner = np.repeat(np.repeat(np.arange(len(part)), len(shifts)), length)
@@ -163,6 +173,7 @@ def _density_at(points: np.ndarray, sample: np.ndarray, kernel: np.ndarray) -> n
         value = kernel[offset[:, 0]] * kernel[offset[:, 1]]
         out[start: start + len(part)] = np.bincount(owner[near], weights=value,
                                                     minlength=len(part))
+        start += step
     return out
 
 
@@ -192,6 +203,69 @@ def slide_density_scale(rows_px: np.ndarray, cols_px: np.ndarray, *, pixel_size_
     scale = float(np.median(per_px2)) / pixel_size_um**2
     logger.info("slide density scale: %.4g transcripts/µm² (median over %d of %d spots, "
                 "σ = %.3g µm)", scale, len(sample), len(points), sigma_um)
+    return scale
+
+
+def slide_density_scale_stream(batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+                               *, pixel_size_um: float, sigma_um: float = DEFAULT_SIGMA_UM,
+                               max_spots: int = MAX_SCALE_SPOTS, seed: int = 0) -> float:
+    """:func:`slide_density_scale` of a spot table too large for memory, same value.
+
+    ``batches()`` starts a pass over the spots in file order, yielding (rows_px, cols_px)
+    arrays; three passes: count and extent, the seeded sample, then only the points in the
+    sampled spots' 3×3 blocks of R + 1 px (all that :func:`_density_at` sums for them, in
+    the same order). Memory: the sample and those points.
+    """
+    sigma_px = sigma_in_px(sigma_um, pixel_size_um)
+    pixel_size_um = check_pixel_size(pixel_size_um, "pixel_size_um")
+    kernel = gaussian_kernel_1d(sigma_px)
+    block = (len(kernel) - 1) // 2 + 1
+
+    def points() -> Iterator[np.ndarray]:
+        for rows_px, cols_px in batches():
+            rows = np.asarray(rows_px, dtype=np.float64)
+            cols = np.asarray(cols_px, dtype=np.float64)
+            ok = np.isfinite(rows) & np.isfinite(cols)
+            yield np.column_stack([np.floor(rows[ok]), np.floor(cols[ok])])
+
+    n, low, high = 0, np.full(2, np.inf), np.full(2, -np.inf)
+    for part in points():
+        if len(part):
+            n += len(part)
+            low, high = np.minimum(low, part.min(axis=0)), np.maximum(high, part.max(axis=0))
+    if n == 0:
+        logger.warning("slide_density_scale: no transcripts; using a scale of 1.0")
+        return 1.0
+    rng = np.random.default_rng(seed)
+    chosen = np.arange(n) if n <= max_spots else rng.choice(n, size=max_spots, replace=False)
+    order = np.argsort(chosen, kind="stable")
+    wanted, sample, seen = chosen[order], np.empty((len(chosen), 2)), 0
+    for part in points():
+        lo, hi = np.searchsorted(wanted, [seen, seen + len(part)])
+        sample[order[lo:hi]] = part[wanted[lo:hi] - seen]
+        seen += len(part)
+    grid_shape = tuple(((high - low) // block).astype(np.int64) + 3)
+    s_block = ((sample - low) // block).astype(np.int64) + 1
+    by_row = np.argsort(s_block[:, 0], kind="stable")
+    marked = np.zeros(grid_shape, dtype=bool)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            marked[s_block[:, 0] + dr, s_block[:, 1] + dc] = True
+    expected = n * marked.mean()  # near points if spots were spread evenly
+    per_px2 = np.empty(len(sample))
+    for group in np.array_split(by_row, max(1, math.ceil(expected / NEAR_BUDGET))):
+        marked[:] = False  # the 3x3 blocks of this row band of samples
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                marked[s_block[group, 0] + dr, s_block[group, 1] + dc] = True
+        near = []
+        for part in points():
+            p_block = ((part - low) // block).astype(np.int64) + 1
+            near.append(part[marked[p_block[:, 0], p_block[:, 1]]].astype(np.int32))
+        per_px2[group] = _density_at(np.concatenate(near), sample[group], kernel, low=low)
+    scale = float(np.median(per_px2)) / pixel_size_um**2
+    logger.info("slide density scale: %.4g transcripts/µm² (median over %d of %d spots, "
+                "σ = %.3g µm, streamed)", scale, len(sample), n, sigma_um)
     return scale
 
 

@@ -71,6 +71,22 @@ def _choose_columns(columns: list[str], path: Path) -> tuple[str, str, str | Non
     )
 
 
+def spot_columns(path: str | Path) -> tuple[Path, bool, tuple[str, str, str | None, str]]:
+    """(path, is_parquet, (x column, y column, gene column or None, layout)) of a spot
+    table; InputError naming the file if it is missing, empty or has no usable header."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("spot file not found", path)
+    if path.stat().st_size == 0:
+        raise InputError("spot file is empty (expected at least a header line)", path)
+    is_parquet = path.suffix.lower() in (".parquet", ".pq")
+    try:
+        columns = _read_header(path, is_parquet)
+    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many types
+        raise InputError(f"cannot read spot table ({exc})", path) from exc
+    return path, is_parquet, _choose_columns(columns, path)
+
+
 def read_spots(path: str | Path, scale: float = 1.0, *, strict: bool = True) -> pd.DataFrame:
     """Read a spot table into a DataFrame with columns ``x``, ``y`` (float64, pixels) and
     ``gene`` (str objects; a table of N spots holds N Python strings).
@@ -83,25 +99,15 @@ def read_spots(path: str | Path, scale: float = 1.0, *, strict: bool = True) -> 
         first offending row; when false such rows are kept with NaN coordinates so that
         callers can count and report them.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("spot file not found", path)
-    if path.stat().st_size == 0:
-        raise InputError("spot file is empty (expected at least a header line)", path)
-    is_parquet = path.suffix.lower() in (".parquet", ".pq")
-    try:
-        columns = _read_header(path, is_parquet)
-    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many types
-        raise InputError(f"cannot read spot table ({exc})", path) from exc
-    x_col, y_col, gene_col, layout = _choose_columns(columns, path)
+    path, is_parquet, (x_col, y_col, gene_col, layout) = spot_columns(path)
     use = [x_col, y_col] + ([gene_col] if gene_col else [])
     try:
         if is_parquet:
             table = pd.read_parquet(path, columns=use)
         else:
             table = pd.read_csv(
-                path, usecols=use, dtype={x_col: str, y_col: str}, keep_default_na=False
-            )
+                path, usecols=use, dtype=dict.fromkeys(use, str), keep_default_na=False
+            )  # gene names as written ("1.50", "007"), never parsed as numbers
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"cannot read spot table ({exc})", path) from exc
     x = pd.to_numeric(table[x_col], errors="coerce").to_numpy(np.float64)

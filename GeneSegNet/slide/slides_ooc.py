@@ -9,9 +9,13 @@ default, where the in-memory pass needs about 1.8 GB). Per sample the run store
 larger ones get ``label_<name>.tif`` (tiled BigTIFF, int32, streamed from the store) and
 the transcript mapping read from the store chunk by chunk (:func:`map_spots_out_of_core`):
 ``mapping/<name>.csv`` with upstream's columns and ``cell_probability`` (the rows of the
-in-memory run), and ``mapping/<name>_cell_by_gene.csv``; the outputs that need the whole
-label image (png/mat/jpg, boundary distance and nearest-cell columns, polygons, h5ad and
-the other ``--outputs``) are named in a warning and skipped.
+in-memory run), and ``mapping/<name>_cell_by_gene.csv``. Their spot table is never read
+whole: it is streamed into ``<store>/spots`` (:func:`GeneSegNet.io.spot_stream.spill_spots`),
+indexed on disk (:class:`GeneSegNet.slide.disk_spots.DiskSpotIndex`) and mapped in
+buckets (:mod:`GeneSegNet.slide.spot_mapping`), so memory does not grow with the number
+of transcripts. The outputs that need the whole label image (png/mat/jpg, boundary
+distance and nearest-cell columns, polygons, h5ad and the other ``--outputs``) are named
+in a warning and skipped.
 
 With ``--dask_workers N`` (or ``--dask_scheduler``/``--slurm_jobs``) the window batches,
 field chunks and mask blocks run as dask tasks (:mod:`GeneSegNet.slide.distributed`).
@@ -27,13 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from GeneSegNet.data.model_input import model_input_from_meta
+from GeneSegNet.data.transcripts import slide_density_scale_stream
 from GeneSegNet.errors import InputError
 from GeneSegNet.export.sample import SampleOutput, check_export_settings, write_sample_outputs
 from GeneSegNet.io import read_spots, spot_pixels
 from GeneSegNet.io.images import write_tiled_tiff
 from GeneSegNet.io.layout import channels_for
+from GeneSegNet.io.spot_stream import FrameSpots, SpotSpill, spill_spots
+from GeneSegNet.slide.disk_spots import DiskSpotIndex, inside_pixels
 from GeneSegNet.slide.files import HEATMAP_TILE, SlideSample, write_label_outputs
 from GeneSegNet.slide.outofcore import (
     MaskSettings,
@@ -49,8 +57,9 @@ from GeneSegNet.slide.pipeline import (
     slide_transcripts,
 )
 from GeneSegNet.slide.plan import plan_windows
+from GeneSegNet.slide.spot_mapping import Plane, cell_probability, write_mapping_streamed
 from GeneSegNet.slide.store import LazyImage, SlideStore, weights_digest
-from GeneSegNet.slide.windows import SpotIndex, heatmap_tiles
+from GeneSegNet.slide.windows import SlideTranscripts, SpotIndex, heatmap_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +105,51 @@ def load_spots(sample: SlideSample, shape: tuple[int, int], spot_scale: float, e
     x = table["x"].to_numpy(np.float64)
     y = table["y"].to_numpy(np.float64)
     rows, cols, inside = spot_pixels(x, y, shape)
-    if len(table) and not inside.any():
-        raise InputError(f"none of its {len(table)} spots lies inside the {shape[1]}×{shape[0]} "
-                         f"image {sample.image.name} (spot_scale {spot_scale})", sample.spots)
-    if not inside.all():
-        logger.warning("%s: %d of %d spots lie outside the image or are invalid; they are "
-                       "left out of the heatmap", sample.spots, int((~inside).sum()), len(table))
+    _check_inside(sample, shape, spot_scale, len(table), int(inside.sum()))
     codes = None if encode is None else np.asarray(encode(table["gene"].to_numpy()))[inside]
     return rows.astype(np.int32), cols.astype(np.int32), codes, table
+
+
+def _check_inside(sample: SlideSample, shape: tuple[int, int], spot_scale: float, n: int,
+                  n_inside: int) -> None:
+    """InputError if none of ``n`` spots is inside the image; a warning if some are not."""
+    if n and not n_inside:
+        raise InputError(f"none of its {n} spots lies inside the {shape[1]}×{shape[0]} "
+                         f"image {sample.image.name} (spot_scale {spot_scale})", sample.spots)
+    if n_inside < n:
+        logger.warning("%s: %d of %d spots lie outside the image or are invalid; they are "
+                       "left out of the heatmap", sample.spots, n - n_inside, n)
+
+
+def spots_on_disk(sample: SlideSample, store: SlideStore, spot_scale: float, model_input,
+                  pixel_size: float | None, *, progress: bool = False
+                  ) -> tuple[SpotIndex, SlideTranscripts | None, SpotSpill | None]:
+    """(index, transcripts, spill) of a slide whose spot table is never read whole: the
+    table spilled to ``<store>/spots``, a :class:`DiskSpotIndex` in
+    ``<store>/spot_index.rec`` and the density scale from the spill (same values as
+    :func:`load_spots` + :class:`SpotIndex` + ``slide_transcripts``)."""
+    shape = store.shape
+    if sample.spots is None:
+        empty = np.zeros(0, np.int32)
+        return (SpotIndex(empty, empty, shape),
+                slide_transcripts(empty, empty, model_input, pixel_size), None)
+    spill = spill_spots(sample.spots, store.path / "spots", spot_scale)
+    table = None
+    if model_input.embedding is not None:
+        table = np.asarray(model_input.embedding.encode(spill.vocabulary.as_array()), np.int32)
+    index = DiskSpotIndex.build(spill, shape, store.path / "spot_index.rec", code_table=table,
+                                progress=progress)
+    _check_inside(sample, shape, spot_scale, len(spill), len(index))
+    tcfg = model_input.transcripts
+    transcripts = None
+    if tcfg.needs_slide_scale:
+        def passes():
+            return ((rows, cols) for rows, cols, _ in inside_pixels(spill, shape))
+
+        scale = slide_density_scale_stream(passes, pixel_size_um=pixel_size,
+                                           sigma_um=tcfg.sigma_um)
+        transcripts = SlideTranscripts(tcfg, model_input.embedding, pixel_size, scale)
+    return index, transcripts, spill
 
 
 def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample],
@@ -135,18 +181,17 @@ def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample]
             start = time.perf_counter()
             image = images[sample.name]
             shape = image.shape[:2]
-            rows, cols, codes, table = load_spots(sample, shape, cfg.spot_scale, encode)
-            index = SpotIndex(rows, cols, shape, codes=codes)
-            transcripts = slide_transcripts(rows, cols, model_input, pixel_sizes[sample.name])
+            big = shape[0] * shape[1] > ooc.in_memory_outputs
+            if not big:
+                rows, cols, codes, table = load_spots(sample, shape, cfg.spot_scale, encode)
+                index = SpotIndex(rows, cols, shape, codes=codes)
+                transcripts = slide_transcripts(rows, cols, model_input,
+                                                pixel_sizes[sample.name])
             try:
                 plan = plan_windows(shape, cfg.slide, **diams,
                                     size_multiple=net.config.size_multiple)
             except ValueError as exc:
                 raise InputError(f"bad window settings: {exc}") from None
-            if cfg.write_heatmap:
-                write_tiled_tiff(save_dir / "HeatMap" / f"{sample.name}_gaumap.tif",
-                                 heatmap_tiles(index, cfg.slide.sigma, tile=HEATMAP_TILE),
-                                 shape, np.uint8, HEATMAP_TILE)
             ev = cfg.slide.evaluation
             ms = MaskSettings(cfg.block_size, block_halo(cfg, plan.diameter),
                               **ev.mask_kwargs())
@@ -156,6 +201,14 @@ def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample]
             store = SlideStore(store_path(save_dir, sample.name), shape, settings,
                                cfg.slide.canvas_dtype, chunk=ooc.chunk or default_chunk(
                                    cfg.slide.window))
+            if big:
+                index, transcripts, table = spots_on_disk(
+                    sample, store, cfg.spot_scale, model_input, pixel_sizes[sample.name],
+                    progress=progress)
+            if cfg.write_heatmap:
+                write_tiled_tiff(save_dir / "HeatMap" / f"{sample.name}_gaumap.tif",
+                                 heatmap_tiles(index, cfg.slide.sigma, tile=HEATMAP_TILE),
+                                 shape, np.uint8, HEATMAP_TILE)
             executor = None
             if client is not None:
                 from GeneSegNet.slide.distributed import DaskExecutor
@@ -173,18 +226,6 @@ def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample]
     return done
 
 
-class _Plane:
-    """Channel ``c`` of a [C, H, W] zarr array as a 2-D array-like (for chunked reads)."""
-
-    def __init__(self, array, c: int) -> None:
-        self.array, self.c = array, c
-        self.shape, self.dtype = tuple(array.shape[1:]), array.dtype
-        self.chunks = tuple(array.chunks[1:])
-
-    def __getitem__(self, key) -> np.ndarray:
-        return np.asarray(self.array[(self.c, *key)])
-
-
 def map_spots_out_of_core(store: SlideStore, spots, out_of_bounds: str = "background"):
     """The mapping table of a finished store without loading its label image: upstream's
     columns (cell_id, spotX, spotY, gene; sorted by cell id, file order within a cell) and
@@ -198,30 +239,20 @@ def map_spots_out_of_core(store: SlideStore, spots, out_of_bounds: str = "backgr
     rows, cols, inside = spot_pixels(table["spotX"].to_numpy(np.float64),
                                      table["spotY"].to_numpy(np.float64), store.shape)
     prob = np.full(len(table), np.nan, dtype=np.float32)
-    logit = lookup_chunked(_Plane(store.field, 2), rows, cols).astype(np.float32)
-    prob[inside] = 1.0 / (1.0 + np.exp(-np.clip(logit, -80.0, 80.0)))
+    prob[inside] = cell_probability(lookup_chunked(Plane(store.field, 2), rows, cols))
     return table.assign(**{PROBABILITY_COLUMN: prob})
 
 
 def write_mapping_out_of_core(folder: Path, name: str, store: SlideStore, spots,
-                              out_of_bounds: str = "background") -> list[Path]:
-    """``<folder>/<name>.csv`` (:func:`map_spots_out_of_core`) and
-    ``<folder>/<name>_cell_by_gene.csv`` (cells 1..K of the store), atomically."""
-    from GeneSegNet.io import atomic_path
-    from GeneSegNet.mapping import cell_by_gene_counts
-
-    table = map_spots_out_of_core(store, spots, out_of_bounds)
-    out = Path(folder) / f"{name}.csv"
-    with atomic_path(out) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.10g")
-    n_cells = int(store.group.attrs.get("n_cells", 0))
-    counts = cell_by_gene_counts(None, table["cell_id"].to_numpy(), table["gene"].to_numpy(),
-                                 cells=np.arange(1, n_cells + 1))
-    with atomic_path(Path(folder) / f"{name}_cell_by_gene.csv") as tmp:
-        counts.to_csv(tmp)
-    logger.info("%s: %d spots, %d in cells -> %s", name, len(table),
-                int((table["cell_id"] > 0).sum()), out)
-    return [out, Path(folder) / f"{name}_cell_by_gene.csv"]
+                              out_of_bounds: str = "background", **stream) -> list[Path]:
+    """``<folder>/<name>.csv`` (the rows of :func:`map_spots_out_of_core`) and
+    ``<folder>/<name>_cell_by_gene.csv`` (cells 1..K of the store), atomically, streamed
+    (:func:`GeneSegNet.slide.spot_mapping.write_mapping_streamed`; ``stream``: its
+    ``batch_rows``, ``bucket_rows``, ``progress``). ``spots``: a table (x, y, gene) or a
+    :class:`GeneSegNet.io.spot_stream.SpotSpill`."""
+    if isinstance(spots, pd.DataFrame):
+        spots = FrameSpots(spots)
+    return write_mapping_streamed(Path(folder), name, store, spots, out_of_bounds, **stream)
 
 
 def _write_outputs(save_dir: Path, name: str, store: SlideStore, image: LazyImage, table,

@@ -119,32 +119,39 @@ class SpotIndex:
     def __len__(self) -> int:
         return int(self.rows.size)
 
-    def _query_index(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """Indices (into the sorted spots) of those with ``r0 <= row < r1``, ``c0 <= col < c1``."""
+    def _read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, codes) int32 of the bin-sorted spots ``start:stop`` (the array
+        source; :class:`GeneSegNet.slide.disk_spots.DiskSpotIndex` reads them from disk)."""
+        return self.rows[start:stop], self.cols[start:stop], self.codes[start:stop]
+
+    def query_codes(self, r0: int, r1: int, c0: int, c1: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cols, gene codes) int32 of the spots with ``r0 <= row < r1`` and
+        ``c0 <= col < c1``, in bin order (file order within a bin)."""
         height, width = self.shape
         lo_r, hi_r, lo_c, hi_c = max(r0, 0), min(r1, height), max(c0, 0), min(c1, width)
         if hi_r <= lo_r or hi_c <= lo_c or not len(self):
-            return np.zeros(0, np.int64)
+            empty = np.zeros(0, np.int32)
+            return empty, empty, empty
         first_col, last_col = lo_c // self.bin, (hi_c - 1) // self.bin
         pieces = []
         for bin_row in range(lo_r // self.bin, (hi_r - 1) // self.bin + 1):
             base = bin_row * self.n_bin_cols
-            pieces.append(np.arange(self.offsets[base + first_col],
-                                    self.offsets[base + last_col + 1]))
-        idx = np.concatenate(pieces)
-        rows, cols = self.rows[idx], self.cols[idx]
-        return idx[(rows >= lo_r) & (rows < hi_r) & (cols >= lo_c) & (cols < hi_c)]
+            start = int(self.offsets[base + first_col])
+            stop = int(self.offsets[base + last_col + 1])
+            if stop > start:
+                pieces.append(self._read(start, stop))
+        if not pieces:
+            empty = np.zeros(0, np.int32)
+            return empty, empty, empty
+        rows, cols, codes = (np.concatenate(p) for p in zip(*pieces, strict=True))
+        keep = (rows >= lo_r) & (rows < hi_r) & (cols >= lo_c) & (cols < hi_c)
+        return rows[keep], cols[keep], codes[keep]
 
     def query(self, r0: int, r1: int, c0: int, c1: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, cols) int32 of the spots with ``r0 <= row < r1`` and ``c0 <= col < c1``."""
-        idx = self._query_index(r0, r1, c0, c1)
-        return self.rows[idx], self.cols[idx]
-
-    def query_codes(self, r0: int, r1: int, c0: int, c1: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, cols, gene codes) int32 of the spots of :meth:`query`."""
-        idx = self._query_index(r0, r1, c0, c1)
-        return self.rows[idx], self.cols[idx], self.codes[idx]
+        rows, cols, _ = self.query_codes(r0, r1, c0, c1)
+        return rows, cols
 
 
 @dataclass(frozen=True)
