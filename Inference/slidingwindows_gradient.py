@@ -286,7 +286,8 @@ def _out_of_core(args, net, meta, samples, save_dir, cfg, device) -> bool:
     if cfg.working_pixel_size_um is not None:
         raise InputError("--working_pixel_size is for in-memory slides; out of core, segment "
                          "at the slide's own pixel size (or --out_of_core off)")
-    run_slides_out_of_core(net, meta, samples, save_dir, cfg, ooc, device=device, dask=dask)
+    run_slides_out_of_core(net, meta, samples, save_dir, cfg, ooc, device=device, dask=dask,
+                           config_path=save_dir / CONFIG_NAME)
     return True
 
 

@@ -204,28 +204,30 @@ def train_and_score(model: str, args, crops: Path, raw: Path, names: list[str],
         _test_root(raw, names, test_root, with_spots=model != "image_only")
     rows = []
     for n, record in enumerate(manifest["rounds"], start=1):
-        save = out / f"pred_{model}_round{n}"
+        save = out / f"pred_{model}_round{n}{_suffix(args)}"
         if not save.exists():
             start = time.perf_counter()
             _check(slidingwindows_gradient.main(
                 ["--root_dir", str(test_root), "--save_dir", str(save), "--model_file",
-                 record["model_used"], "--diameter", "0", *_working(args)]),
+                 record["model_used"], "--diameter", "0", *_inference(args)]),
                 f"inference {model}")
             print(f"  {model} round {n}: inference of {len(names)} image(s) "
                   f"{time.perf_counter() - start:.1f} s ({args.threads} torch threads)",
                   flush=True)
         scores = _score_labels(raw, names, lambda name, s=save: read_label(
             next(s.glob(f"label_{name}.*"))))
-        rows.append((f"{model}, round {n} ({minutes:.1f} min training in all)", scores))
+        tta = ", --augment" if args.augment else ""
+        rows.append((f"{model}, round {n}{tta} ({minutes:.1f} min training in all)", scores))
         if model == "genesegnet" and n == len(manifest["rounds"]):  # the network's cells alone
-            raw_save = out / f"pred_{model}_round{n}_network_only"
+            raw_save = out / f"pred_{model}_round{n}_network_only{_suffix(args)}"
             if not raw_save.exists():
                 _check(slidingwindows_gradient.main(
                     ["--root_dir", str(test_root), "--save_dir", str(raw_save), "--model_file",
                      record["model_used"], "--diameter", "0", "--no_transcript_refine",
-                     *_working(args)]),
+                     *_inference(args)]),
                     f"inference {model} (network only)")
-            rows.append((f"{model}, round {n}, network cells without inference refinement",
+            rows.append((f"{model}, round {n}{tta}, network cells without inference "
+                         "refinement",
                          _score_labels(raw, names, lambda name, s=raw_save: read_label(
                              next(s.glob(f"label_{name}.*"))))))
         cells = record["relabelled"] or {}
@@ -240,6 +242,16 @@ def _working(args) -> list[str]:
     """The --working_pixel_size flag for preprocessing and inference, if one is set."""
     return [] if args.working_pixel_size is None else [
         "--working_pixel_size", str(args.working_pixel_size)]
+
+
+def _inference(args) -> list[str]:
+    """Inference flags: the working resolution and ``--augment``, if set."""
+    return [*_working(args), *(["--augment"] if args.augment else [])]
+
+
+def _suffix(args) -> str:
+    """Prediction folders of a run with ``--augment`` are kept apart (``--resume``)."""
+    return "_augment" if args.augment else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--working_pixel_size", type=float, default=None,
                         help="µm/px for crops (training) and inference (results are scored "
                              "on the input grid); default: the images' own")
+    parser.add_argument("--augment", action="store_true",
+                        help="inference with test-time augmentation (flips); with --resume "
+                             "an earlier run's models are scored again this way")
     parser.add_argument("--resume", action="store_true",
                         help="reuse what an earlier run left in --out_dir (data, finished "
                              "trainings, predictions)")

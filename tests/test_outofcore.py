@@ -195,9 +195,9 @@ def test_script_out_of_core_equals_in_memory_resumes_and_refuses_other_settings(
     np.testing.assert_array_equal(read_label(tmp_path / "ooc" / "label_sample_00.png"), expected)
     np.testing.assert_array_equal(
         zarr.open_array(str(tmp_path / "ooc" / "label_sample_00.zarr" / "labels"))[:], expected)
-    assert run(tmp_path / "ooc", "--out_of_core", "on", "--overwrite") == 0  # resumes
-    assert run(tmp_path / "ooc", "--out_of_core", "on", "--overwrite",
-               "--flow_threshold", "0.2") == 2
+    assert (tmp_path / "ooc" / "slidingwindows_gradient_config.json").is_file()
+    assert run(tmp_path / "ooc", "--out_of_core", "on") == 0  # a plain rerun resumes
+    assert run(tmp_path / "ooc", "--out_of_core", "on", "--flow_threshold", "0.2") == 2
     assert run(tmp_path / "dask", "--dask_workers", "2", "--dask_threads",
                "--out_of_core_pixels", "1000") == 0
     big = tifffile.imread(tmp_path / "dask" / "label_sample_00.tif")

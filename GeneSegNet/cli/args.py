@@ -54,6 +54,7 @@ _EVAL_FIELDS = {
     "niter": "niter",
     "batch_size": "batch_size",
     "tile_overlap": "tile_overlap",
+    "augment": "augment",
 }
 
 
@@ -151,6 +152,13 @@ def add_network_pass_args(
     )
     group.add_argument(
         "--batch_size", type=positive_int, default=None, help=f"{batch_help} (default 8)"
+    )
+    group.add_argument(
+        "--augment",
+        action="store_true",
+        default=None,
+        help="average the network's outputs over the four flips of each tile or window "
+        "(test-time augmentation; 4x the network time, sharper outlines)",
     )
     group.add_argument(
         "--heatmap_norm",

@@ -79,6 +79,9 @@ class EvalConfig:
         "density" (channels passed unchanged). Set from the checkpoint
         (:meth:`GeneSegNet.data.model_input.ModelInput.eval_fields`).
     norm_scale_px : block of local normalisation in px (0 when unused).
+    augment : average the network's outputs over the four flips of each tile (none,
+        left-right, up-down, both), each flipped back with its flow component's sign
+        turned (:func:`forward_tiles`); four times the network time.
     """
 
     diameter: float = 32.0
@@ -99,6 +102,7 @@ class EvalConfig:
     transcript_mode: str = "heatmap"
     n_transcripts: int = 1
     norm_scale_px: int = 0
+    augment: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -185,17 +189,40 @@ def rescale_factor(cfg: EvalConfig, *, diam_mean: float, diam_labels: float) -> 
     return rescale
 
 
+# (flip rows, flip cols) of test-time augmentation; outputs are (dY, dX, cell logit)
+_FLIPS = ((False, False), (False, True), (True, False), (True, True))
+
+
 def forward_tiles(
-    net: nn.Module, tiles: np.ndarray, batch_size: int, device: torch.device | str
+    net: nn.Module, tiles: np.ndarray, batch_size: int, device: torch.device | str,
+    augment: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run tiles [n, C, th, tw] in batches; return outputs [n, K, th, tw] and styles [n, S]."""
+    """Run tiles [n, C, th, tw] in batches; return outputs [n, K, th, tw] and styles [n, S].
+
+    ``augment``: the mean over the four flips of each batch, each output flipped back
+    and its flow component along a flipped axis negated (dY for rows, dX for columns).
+    """
     outs, styles = [], []
     with torch.inference_mode():
         for start in range(0, len(tiles), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(tiles[start : start + batch_size]))
-            y, style = net(x.to(device=device, dtype=torch.float32))
-            outs.append(y.float().cpu().numpy())
-            styles.append(style.float().cpu().numpy())
+            x = x.to(device=device, dtype=torch.float32)
+            y_sum, style_sum = None, None
+            for flip_rows, flip_cols in _FLIPS if augment else _FLIPS[:1]:
+                dims = [d for d, on in ((-2, flip_rows), (-1, flip_cols)) if on]
+                y, style = net(torch.flip(x, dims) if dims else x)
+                y = y.float()
+                if dims:
+                    y = torch.flip(y, dims)
+                    sign = torch.ones(y.shape[1], device=y.device)
+                    sign[0] = -1.0 if flip_rows else 1.0
+                    sign[1] = -1.0 if flip_cols else 1.0
+                    y = y * sign[None, :, None, None]
+                y_sum = y if y_sum is None else y_sum + y
+                style_sum = style.float() if style_sum is None else style_sum + style.float()
+            n = len(_FLIPS) if augment else 1
+            outs.append((y_sum / n).cpu().numpy())
+            styles.append((style_sum / n).cpu().numpy())
     return np.concatenate(outs), np.concatenate(styles)
 
 
@@ -244,7 +271,7 @@ def run_network(
     was_training = net.training
     net.eval()
     try:
-        outputs, styles = forward_tiles(net, tiles, cfg.batch_size, device)
+        outputs, styles = forward_tiles(net, tiles, cfg.batch_size, device, cfg.augment)
     finally:
         net.train(was_training)
     blended = blend_tiles(outputs, starts, padded.shape[1:], taper=True)[:, crop[0], crop[1]]

@@ -148,7 +148,8 @@ def forward_batch(net, inputs: _GlobalInputs, plan: WindowPlan, windows: list[in
                   device) -> np.ndarray:
     """float32 [B, 3, w, w] network outputs of the windows ``windows`` (one batch)."""
     batch = np.stack([inputs(*plan.starts[k]) for k in windows])
-    return _forward_windows(net, batch, plan.net_size, device)
+    return _forward_windows(net, batch, plan.net_size, device,
+                            inputs.cfg.evaluation.augment)
 
 
 def new_chunk(store: SlideStore, i: int, j: int, dtype: str) -> TiledAccumulator:

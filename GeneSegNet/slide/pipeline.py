@@ -222,7 +222,9 @@ def working_slide(inputs: SlideInputs, pixel_size_um: float | None,
                         working_pixel_size_um, shape)
 
 
-def _write_config(path: Path, cfg: SlideRunConfig, extra: dict[str, Any]) -> None:
+def write_run_config(path: Path, cfg: SlideRunConfig, extra: dict[str, Any]) -> None:
+    """The run's settings as JSON (``<save_dir>/slidingwindows_gradient_config.json``),
+    atomically; its presence marks the folder as this script's (reruns, resumes)."""
     record = {"package_version": GeneSegNet.__version__, **asdict(cfg), **extra}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
@@ -279,7 +281,7 @@ def run_slides(
     except ValueError as exc:
         raise InputError(f"bad window settings: {exc}") from None
     if config_path is not None:
-        _write_config(
+        write_run_config(
             config_path,
             cfg,
             {

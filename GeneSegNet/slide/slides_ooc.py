@@ -55,6 +55,7 @@ from GeneSegNet.slide.pipeline import (
     block_halo,
     slide_pixel_size,
     slide_transcripts,
+    write_run_config,
 )
 from GeneSegNet.slide.plan import plan_windows
 from GeneSegNet.slide.spot_mapping import Plane, cell_probability, write_mapping_streamed
@@ -154,10 +155,12 @@ def spots_on_disk(sample: SlideSample, store: SlideStore, spot_scale: float, mod
 
 def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample],
                            save_dir: Path, cfg: SlideRunConfig, ooc: OutOfCoreConfig, *,
-                           device, dask=None, progress: bool = True) -> list[tuple[str, int]]:
+                           device, dask=None, progress: bool = True,
+                           config_path: Path | None = None) -> list[tuple[str, int]]:
     """Segment every sample out of core (module docstring); returns (name, cells) pairs.
 
     ``dask``: a :class:`GeneSegNet.slide.distributed.DaskSettings`, or None (in process).
+    ``config_path``: where the run's settings are written first (as the in-memory run).
     """
     if cfg.slide.window_local or cfg.upstream_opening:
         raise InputError("--out_of_core runs in global mode without --upstream_opening")
@@ -170,6 +173,11 @@ def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample]
         check_export_settings(cfg.outputs, pixel_sizes)
     images = {s.name: LazyImage(s.image, image_channels(image_mode)) for s in samples}
     digest = weights_digest(net)
+    if config_path is not None:
+        write_run_config(config_path, cfg, {
+            "device": str(device), **diams, "samples": [s.name for s in samples],
+            "out_of_core": asdict(ooc),
+            "dask": None if dask is None else asdict(dask)})
     context = nullcontext(None)
     if dask is not None:
         from GeneSegNet.slide.distributed import dask_client

@@ -339,13 +339,15 @@ class _GlobalInputs:
         return out
 
 
-def _forward_windows(net: nn.Module, batch: np.ndarray, net_size: int, device) -> np.ndarray:
+def _forward_windows(net: nn.Module, batch: np.ndarray, net_size: int, device,
+                     augment: bool = False) -> np.ndarray:
     """Network outputs [B, 3, w, w] for windows [B, C, w, w], resized to and from
-    ``net_size`` with OpenCV bilinear interpolation (flow magnitudes not rescaled)."""
+    ``net_size`` with OpenCV bilinear interpolation (flow magnitudes not rescaled);
+    ``augment``: averaged over the four flips (:func:`forward_tiles`)."""
     window = batch.shape[-1]
     if net_size != window:
         batch = np.stack([resize_image(x, (net_size, net_size)) for x in batch])
-    out, _ = forward_tiles(net, batch, len(batch), device)
+    out, _ = forward_tiles(net, batch, len(batch), device, augment)
     if net_size != window:
         out = np.stack([resize_image(y, (window, window)) for y in out])
     return out
@@ -371,7 +373,8 @@ def _stream_global(net, image, index, cfg, plan, acc, device, bar, transcripts) 
         corners = plan.starts[first : first + size]
         batch = np.stack([inputs(r0, c0) for r0, c0 in corners])
         for (r0, c0), out in zip(
-            corners, _forward_windows(net, batch, plan.net_size, device), strict=True
+            corners, _forward_windows(net, batch, plan.net_size, device,
+                                      cfg.evaluation.augment), strict=True
         ):
             acc.add(out, r0, c0, weight)
         bar.update(len(corners))
