@@ -7,13 +7,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from Analysis.generate_MappingRelationships import main as mapping_main
 from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
-from GeneSegNet.model.checkpoint import save_checkpoint
-from GeneSegNet.model.net import GeneSegUNet, NetConfig
 from Inference.slidingwindows_gradient import main as inference_main
+from tests.tiny_runs import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +60,7 @@ def test_mapping_script_bad_outputs(raw, tmp_path, capsys):
 def test_inference_script_outputs(raw, tmp_path):
     import anndata
 
-    torch.manual_seed(0)
-    model = save_checkpoint(tmp_path / "tiny.pt", GeneSegUNet(NetConfig(nbase=(8, 16, 16, 16))))
+    model = tiny_model(tmp_path / "tiny.pt")
     out = tmp_path / "out"
     assert inference_main(["--root_dir", str(raw), "--save_dir", str(out), "--model_file",
                            str(model), "--outputs", "csv,h5ad,geojson,qc"]) == 0

@@ -175,19 +175,11 @@ def test_unreachable_scheduler_is_an_input_error():
 
 
 def test_script_out_of_core_equals_in_memory_resumes_and_refuses_other_settings(tmp_path):
-    from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
     from GeneSegNet.io import read_label
-    from GeneSegNet.model.checkpoint import save_checkpoint
-    from Inference.slidingwindows_gradient import main
+    from tests.tiny_runs import inference_runner, tiny_slides
 
-    raw = write_simulated_dataset(tmp_path / "raw", 1, TissueConfig(height=200, width=300),
-                                  seed=3)
-    torch.manual_seed(0)
-    model = save_checkpoint(tmp_path / "tiny.pt", GeneSegUNet(NetConfig(nbase=(8, 16, 16, 16))))
-
-    def run(out, *extra):
-        return main(["--root_dir", str(raw), "--save_dir", str(out), "--model_file", str(model),
-                     "--confidence_threshold", "-2", *extra])
+    raw, model = tiny_slides(tmp_path)
+    run = inference_runner(raw, model, "--confidence_threshold", "-2")
 
     assert run(tmp_path / "mem", "--out_of_core", "off") == 0
     assert run(tmp_path / "ooc", "--out_of_core", "on") == 0

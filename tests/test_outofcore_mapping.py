@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import zarr
 
 from GeneSegNet.export.confidence import PROBABILITY_COLUMN
@@ -84,19 +83,10 @@ def test_script_maps_out_of_core_slides_like_in_memory_ones(tmp_path):
     """The inference script on a slide above --out_of_core_pixels (label png/mat skipped)
     writes the mapping rows of the in-memory run (an untrained network: the rows are
     background spots with their cell probabilities)."""
-    from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
-    from GeneSegNet.model.checkpoint import save_checkpoint
-    from GeneSegNet.model.net import GeneSegUNet, NetConfig
-    from Inference.slidingwindows_gradient import main
+    from tests.tiny_runs import inference_runner, tiny_slides
 
-    raw = write_simulated_dataset(tmp_path / "raw", 1, TissueConfig(height=200, width=300),
-                                  seed=3)
-    torch.manual_seed(0)
-    model = save_checkpoint(tmp_path / "tiny.pt", GeneSegUNet(NetConfig(nbase=(8, 16, 16, 16))))
-
-    def run(out, *extra):
-        return main(["--root_dir", str(raw), "--save_dir", str(out), "--model_file", str(model),
-                     "--confidence_threshold", "-2", "--mapping", *extra])
+    raw, model = tiny_slides(tmp_path)
+    run = inference_runner(raw, model, "--confidence_threshold", "-2", "--mapping")
 
     assert run(tmp_path / "mem", "--out_of_core", "off") == 0
     assert run(tmp_path / "big", "--out_of_core", "on", "--out_of_core_pixels", "1000") == 0

@@ -251,21 +251,11 @@ def test_out_of_core_run_streams_spots_and_matches_the_in_memory_run(tmp_path):
     """An out-of-core run of a slide above ``in_memory_outputs`` (spots spilled, disk
     index) writes the heatmap and mapping files of the in-memory run."""
     import tifffile
-    import torch
 
-    from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
-    from GeneSegNet.model.checkpoint import save_checkpoint
-    from GeneSegNet.model.net import GeneSegUNet, NetConfig
-    from Inference.slidingwindows_gradient import main
+    from tests.tiny_runs import inference_runner, tiny_slides
 
-    raw = write_simulated_dataset(tmp_path / "raw", 1, TissueConfig(height=180, width=260),
-                                  seed=5)
-    torch.manual_seed(1)
-    model = save_checkpoint(tmp_path / "tiny.pt", GeneSegUNet(NetConfig(nbase=(8, 16, 16, 16))))
-
-    def run(out, *extra):
-        return main(["--root_dir", str(raw), "--save_dir", str(out), "--model_file", str(model),
-                     "--confidence_threshold", "-2", "--mapping", *extra])
+    raw, model = tiny_slides(tmp_path, height=180, width=260, seed=5, model_seed=1)
+    run = inference_runner(raw, model, "--confidence_threshold", "-2", "--mapping")
 
     assert run(tmp_path / "mem", "--out_of_core", "off") == 0
     assert run(tmp_path / "big", "--out_of_core", "on", "--out_of_core_pixels", "1000") == 0

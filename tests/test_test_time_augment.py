@@ -94,15 +94,10 @@ def test_inference_script_flag_reaches_every_window(tmp_path, monkeypatch):
     import json
 
     import GeneSegNet.slide.windows as windows
-    from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
-    from GeneSegNet.model.checkpoint import save_checkpoint
-    from GeneSegNet.model.net import GeneSegUNet, NetConfig
-    from Inference.slidingwindows_gradient import main
+    from tests.tiny_runs import inference_runner, tiny_slides
 
-    raw = write_simulated_dataset(tmp_path / "raw", 1, TissueConfig(height=200, width=300),
-                                  seed=3)
-    torch.manual_seed(0)
-    model = save_checkpoint(tmp_path / "tiny.pt", GeneSegUNet(NetConfig(nbase=(8, 16, 16, 16))))
+    raw, model = tiny_slides(tmp_path)
+    run = inference_runner(raw, model)
     seen = []
     original = windows.forward_tiles
 
@@ -114,8 +109,7 @@ def test_inference_script_flag_reaches_every_window(tmp_path, monkeypatch):
     for out, extra in (("plain", []), ("tta", ["--augment"]),
                        ("tta_ooc", ["--augment", "--out_of_core", "on"])):
         seen.clear()
-        assert main(["--root_dir", str(raw), "--save_dir", str(tmp_path / out), "--model_file",
-                     str(model), *extra]) == 0
+        assert run(tmp_path / out, *extra) == 0
         config = json.loads((tmp_path / out / "slidingwindows_gradient_config.json")
                             .read_text())
         assert config["slide"]["evaluation"]["augment"] is bool(extra)

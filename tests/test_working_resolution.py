@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from GeneSegNet.data.resample import (
     resample_image,
@@ -21,12 +20,11 @@ from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
 from GeneSegNet.errors import InputError
 from GeneSegNet.evaluation.metrics import match
 from GeneSegNet.io import read_image, read_label, read_spots, spot_pixels
-from GeneSegNet.model.checkpoint import save_checkpoint
-from GeneSegNet.model.net import GeneSegUNet, NetConfig
 from GeneSegNet.slide import pipeline as slide_pipeline
 from Inference.slidingwindows_gradient import main as infer
 from preprocess.Generate_Image_Label_locationMap import main as preprocess
 from tests.test_blockwise import network_like
+from tests.tiny_runs import tiny_model
 
 
 def test_working_shape_keeps_the_extent_in_micrometres():
@@ -125,8 +123,7 @@ def test_inference_at_half_resolution_writes_full_resolution_results(raw, tmp_pa
     """The network is replaced by the flows of the true cells AT THE WORKING GRID; the
     written labels are on the input grid, match the truth, and the mapping reads them at
     the spots' input pixels."""
-    torch.manual_seed(0)
-    model = save_checkpoint(tmp_path / "tiny.pt", GeneSegUNet(NetConfig(nbase=(8, 16, 16, 16))))
+    model = tiny_model(tmp_path / "tiny.pt")
     real = slide_pipeline.predict_slide
     seen = []
 
@@ -162,8 +159,7 @@ def test_inference_refuses_a_working_pixel_size_without_pixel_sizes_before_any_w
         raw, tmp_path, caplog):
     for meta in (raw / "metadata").iterdir():
         meta.unlink()
-    torch.manual_seed(0)
-    model = save_checkpoint(tmp_path / "tiny.pt", GeneSegUNet(NetConfig(nbase=(8, 16, 16, 16))))
+    model = tiny_model(tmp_path / "tiny.pt")
     out = tmp_path / "out"
     code = infer(["--root_dir", str(raw), "--save_dir", str(out), "--model_file", str(model),
                   "--working_pixel_size", "1.0"])

@@ -67,7 +67,6 @@ class MappingCounts:
     n_invalid: int = 0
     n_out_of_bounds: int = 0
     n_assigned: int = 0
-    n_rows: int = 0
 
 
 def _bucket(store, spots, folder: Path, out_of_bounds: str, cells_per: int,
@@ -94,7 +93,6 @@ def _bucket(store, spots, folder: Path, out_of_bounds: str, cells_per: int,
             rec = np.empty(len(cell[keep]), ROW)
             rec["cell"], rec["x"], rec["y"] = cell[keep], batch.x[keep], batch.y[keep]
             rec["gene"], rec["prob"] = batch.gene[keep], prob[keep]
-            counts.n_rows += len(rec)
             used = np.bincount(rec["gene"], minlength=len(present)) > 0
             present = used | np.pad(present, (0, len(used) - len(present)))
             which = np.where(rec["cell"] > 0, (rec["cell"] - 1) // cells_per + 1, 0)
