@@ -200,11 +200,17 @@ def test_segmentation_by_tiles_with_expansion(tmp_path: Path,
 
 
 # ------------------------------------------------------------------ command line
-def test_make_starting_labels_tiled_equals_in_memory(tmp_path: Path) -> None:
+def _imported_xenium(tmp_path: Path) -> tuple[Path, Path]:
+    """(a synthetic Xenium bundle, the raw folder it was imported into as sample "s")."""
     bundle = vb.xenium_bundle(tmp_path / "xb")
     base = tmp_path / "raw"
     assert import_script.main(["xenium", str(bundle), "--base_dir", str(base), "--sample",
                                "s"]) == 0
+    return bundle, base
+
+
+def test_make_starting_labels_tiled_equals_in_memory(tmp_path: Path) -> None:
+    bundle, base = _imported_xenium(tmp_path)
     got = {}
     for mode in ("no", "yes"):
         assert labels_script.main(["--base_dir", str(base), "--sample", "s", "--bundle",
@@ -230,10 +236,7 @@ def test_expansion_in_column_blocks_equals_whole(rng: np.random.Generator) -> No
 
 
 def test_make_starting_labels_segment_tiled(tmp_path: Path) -> None:
-    bundle = vb.xenium_bundle(tmp_path / "xb")
-    base = tmp_path / "raw"
-    assert import_script.main(["xenium", str(bundle), "--base_dir", str(base), "--sample",
-                               "s"]) == 0
+    bundle, base = _imported_xenium(tmp_path)
     got = {}
     for mode in ("no", "yes"):
         assert labels_script.main(["--base_dir", str(base), "--sample", "s", "--segment",
