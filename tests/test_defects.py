@@ -18,7 +18,7 @@ from GeneSegNet.errors import InputError
 from GeneSegNet.io.spots import spot_pixels
 from GeneSegNet.log import setup_logging
 from GeneSegNet.mapping import lookup_cell_ids
-from GeneSegNet.training.relabel import MARKER, claim_folder
+from GeneSegNet.training.label_folders import MARKER, claim_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(

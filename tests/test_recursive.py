@@ -20,8 +20,9 @@ from GeneSegNet.io import read_label, write_image, write_label
 from GeneSegNet.model.net import NetConfig
 from GeneSegNet.model.predict import EvalConfig
 from GeneSegNet.training.config import RecursiveConfig, TrainConfig
+from GeneSegNet.training.label_folders import MARKER
 from GeneSegNet.training.recursive import run_recursive_training
-from GeneSegNet.training.relabel import MARKER, postprocess_pseudo_labels
+from GeneSegNet.training.relabel import postprocess_pseudo_labels
 
 NET = NetConfig(nbase=(8, 16, 16), diam_mean=20.0)
 TRAIN = TrainConfig(n_epochs=40, batch_size=2, tile=64, learning_rate=0.01, min_train_masks=0)

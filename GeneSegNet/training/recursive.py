@@ -52,6 +52,7 @@ from GeneSegNet.model.net import NetConfig
 from GeneSegNet.model.predict import EvalConfig
 from GeneSegNet.training import ddp
 from GeneSegNet.training.config import AUTO_METHOD, GROW_METHOD, RecursiveConfig, TrainConfig
+from GeneSegNet.training.label_folders import check_refined_folders
 from GeneSegNet.training.loop import model_name_for, pretrained_weights, train_network
 from GeneSegNet.training.manifest import (
     EvaluationRecord,
@@ -62,7 +63,6 @@ from GeneSegNet.training.manifest import (
     TrainingSummary,
 )
 from GeneSegNet.training.relabel import (
-    check_refined_folders,
     grow_start_labels,
     relabel_dataset,
     resolve_refine_method,
