@@ -41,9 +41,19 @@ class Model:
     device: Any
 
     @property
+    def model_input(self):
+        """The input the model was trained on (:class:`GeneSegNet.data.model_input.ModelInput`:
+        transcript channels, gene embedding, image normalisation); upstream's for
+        checkpoints that do not record one."""
+        from GeneSegNet.data.model_input import model_input_from_meta
+
+        return model_input_from_meta(self.meta)
+
+    @property
     def n_image_channels(self) -> int:
-        """Image channels the network takes (its input channels minus the heatmap)."""
-        return int(self.net.config.nchan) - 1
+        """Image channels the network takes (its input channels minus the transcript
+        channels: one heatmap for upstream models; density and gene channels for ours)."""
+        return int(self.net.config.nchan) - self.model_input.n_transcripts
 
 
 @dataclass
@@ -79,50 +89,65 @@ def load_model(path: str | Path, device: str = "cpu") -> Model:
     return Model(net, meta, dev)
 
 
-def _spot_index(spots: pd.DataFrame | None, shape: tuple[int, int]):
+def _spot_pixels(spots: pd.DataFrame | None, shape: tuple[int, int], encode=None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Int (rows, cols) pixels of the spots inside the image, and their gene codes
+    (``encode`` of the gene column; None without an encoder)."""
     from GeneSegNet.io.spots import spot_pixels
-    from GeneSegNet.slide.windows import SpotIndex
 
     if spots is None or not len(spots):
         empty = np.zeros(0, np.int32)
-        return SpotIndex(empty, empty, shape)
+        return empty, empty, None if encode is None else np.zeros(0, np.int64)
     rows, cols, inside = spot_pixels(spots["x"].to_numpy(np.float64),
                                      spots["y"].to_numpy(np.float64), shape)
     if (~inside).any():
-        logger.warning("%d of %d spots lie outside the %d×%d image; left out of the heatmap",
+        logger.warning("%d of %d spots lie outside the %d×%d image; left out",
                        int((~inside).sum()), len(inside), shape[1], shape[0])
-    return SpotIndex(rows.astype(np.int32), cols.astype(np.int32), shape)
+    codes = None if encode is None else np.asarray(encode(spots["gene"].to_numpy()))[inside]
+    return rows.astype(np.int32), cols.astype(np.int32), codes
 
 
 def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, *,
             pixel_size_um: float | None = None, diameter: float = 0.0, window: int = 256,
             block_size: int = 2048, halo: int | None = None, flow_threshold: float = 0.4,
             cellprob_threshold: float = 0.0, min_size: int = 15, niter: int = 200,
-            batch_size: int = 8, progress: bool = False) -> SegmentationResult:
-    """Segment a whole image: window pass (:func:`GeneSegNet.slide.windows.predict_slide`)
-    then block-wise masks (:func:`GeneSegNet.slide.blockwise.reconstruct_blockwise`).
+            batch_size: int = 8, augment: bool = False, transcript_refine: bool = True,
+            progress: bool = False) -> SegmentationResult:
+    """Segment a whole image as the inference script does: window pass
+    (:func:`GeneSegNet.slide.windows.predict_slide`), block-wise masks
+    (:func:`GeneSegNet.slide.blockwise.reconstruct_blockwise`), then, for models with a
+    transcript density input, the transcript refinement of the cells.
+
+    The transcript input and image normalisation are the model's own (from its
+    checkpoint): upstream's heatmap, or the density with gene channels of a model trained
+    here, which needs ``pixel_size_um``.
 
     Parameters
     ----------
     model : from :func:`load_model`.
     image : (H, W) grey (DAPI) or (H, W, C) with C = the model's image channels.
-    spots : table with x, y (px; x = column) and gene, or None (empty heatmap).
-    pixel_size_um : µm per px (kept with the result for the µm outputs).
+    spots : table with x, y (px; x = column) and gene, or None (no transcripts).
+    pixel_size_um : µm per px of the image (needed by density models; kept with the
+        result for the µm outputs).
     diameter : expected cell diameter in px; 0 uses the model's ``diam_labels``.
     window, block_size, halo : window edge, mask block edge and halo (px; None = two
         cell diameters).
-    flow_threshold, cellprob_threshold, min_size, niter, batch_size : as the inference
-        script's options of the same names.
+    flow_threshold, cellprob_threshold, min_size, niter, batch_size, augment : as the
+        inference script's options (``--confidence_threshold`` for ``cellprob_threshold``).
+    transcript_refine : as the inference script (off: ``--no_transcript_refine``).
     """
+    import argparse
     import math
 
+    from GeneSegNet.cli.args import eval_config_from_args
     from GeneSegNet.errors import InputError
     from GeneSegNet.io.metadata import check_pixel_size
-    from GeneSegNet.model.predict import EvalConfig
     from GeneSegNet.slide.blockwise import reconstruct_blockwise
+    from GeneSegNet.slide.pipeline import refine_with_transcripts, slide_transcripts
     from GeneSegNet.slide.plan import SlideConfig
-    from GeneSegNet.slide.windows import predict_slide
+    from GeneSegNet.slide.windows import SpotIndex, predict_slide
 
+    model_input = model.model_input
     img = np.asarray(image)
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
@@ -130,28 +155,40 @@ def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, 
     if img.ndim not in (2, 3) or (img.ndim == 2 and n_img != 1) or (
             img.ndim == 3 and img.shape[2] != n_img):
         raise InputError(f"image of shape {img.shape} does not fit a model with {n_img} image "
-                         "channel(s) (expected (H, W) or (H, W, C))")
+                         f"channel(s) (expected (H, W) or (H, W, C))")
     if pixel_size_um is not None:
         pixel_size_um = check_pixel_size(pixel_size_um, "pixel_size_um")
+    elif model_input.transcripts.needs_slide_scale:
+        raise InputError(f"the model's {model_input.transcripts.mode} transcript input needs "
+                         "the image's pixel size: give pixel_size_um (µm/px)")
     shape = img.shape[:2]
-    ev = EvalConfig(diameter=diameter, flow_threshold=flow_threshold,
-                    confidence_threshold=cellprob_threshold, min_size=min_size, niter=niter,
-                    batch_size=batch_size)
+    encode = None if model_input.embedding is None else model_input.embedding.encode
+    rows, cols, codes = _spot_pixels(spots, shape, encode)
+    # the inference script's rule: the model's transcript input, image normalisation,
+    # heatmap scaling and flow targets, with these settings
+    given = argparse.Namespace(diameter=diameter, flow_threshold=flow_threshold,
+                               confidence_threshold=cellprob_threshold, min_size=min_size,
+                               niter=niter, batch_size=batch_size, augment=augment)
+    ev = eval_config_from_args(given, model.meta.get("train_config"), model_input=model_input)
     cfg = SlideConfig(window=window, evaluation=ev, canvas_dtype="float32")
     diams = {"diam_mean": float(model.meta["diam_mean"]),
              "diam_labels": float(model.meta["diam_labels"])}
-    field_ = predict_slide(model.net, img, _spot_index(spots, shape), cfg, **diams,
-                           device=model.device, progress=progress)
+    transcripts = slide_transcripts(rows, cols, model_input, pixel_size_um)
+    field_ = predict_slide(model.net, img, SpotIndex(rows, cols, shape, codes=codes), cfg,
+                           **diams, device=model.device, progress=progress,
+                           transcripts=transcripts)
     halo_px = halo if halo is not None else int(math.ceil(2.0 * field_.plan.diameter))
     labels = reconstruct_blockwise(
-        field_.flows, field_.cellprob, block_size=block_size, halo=halo_px, niter=niter,
-        confidence_threshold=cellprob_threshold, flow_threshold=flow_threshold,
-        min_size=min_size, y_only_movers=ev.y_only_movers, target_mode=ev.flow_target_mode,
-        device=model.device, progress=progress)
+        field_.flows, field_.cellprob, block_size=block_size, halo=halo_px,
+        **ev.mask_kwargs(), device=model.device, progress=progress)
+    refined = transcript_refine and transcripts is not None and len(rows) > 0
+    if refined:
+        labels = refine_with_transcripts(labels, rows, cols, codes, pixel_size_um)
     settings = {"diameter_px": field_.plan.diameter, "window": window, "block_size": block_size,
                 "halo": halo_px, "flow_threshold": flow_threshold,
                 "cellprob_threshold": cellprob_threshold, "min_size": min_size, "niter": niter,
-                **diams}
+                "augment": augment, "transcript_refine": refined, **diams,
+                "transcript_mode": ev.transcript_mode, "image_norm": ev.image_norm}
     return SegmentationResult(labels, np.asarray(field_.flows, np.float32),
                               np.asarray(field_.cellprob, np.float32), img, pixel_size_um,
                               settings)

@@ -74,3 +74,73 @@ def test_sopa_method_returns_labels(tmp_path):
     assert labels.shape == (48, 64) and labels.dtype.kind in "iu"
     with pytest.raises(ValueError):
         method(image[0])
+
+
+def _density_model(path: Path) -> Path:
+    """A tiny untrained network with the input GeneSeg_train.py gives its models: one
+    DAPI channel, the transcript density and 2 gene channels, local image normalisation,
+    recorded in the checkpoint with the training settings the inference reads."""
+    import torch
+
+    from GeneSegNet.data.gene_embedding import GeneEmbedding
+    from GeneSegNet.data.model_input import CHECKPOINT_KEY, ModelInput
+    from GeneSegNet.data.transcripts import TranscriptInput
+
+    genes = tuple(f"Gene{i:02d}" for i in range(30))
+    vectors = np.random.default_rng(1).normal(size=(len(genes), 2))
+    model_input = ModelInput(TranscriptInput(mode="density", n_gene_channels=2),
+                             GeneEmbedding(genes, vectors), 0.5, "local", 24)
+    torch.manual_seed(2)
+    net = GeneSegUNet(NetConfig(nchan=1 + model_input.n_transcripts, nbase=(8, 16, 16, 16)))
+    return save_checkpoint(path, net, extra={CHECKPOINT_KEY: model_input.to_dict()},
+                           train_config={"heatmap_mode": "fixed",
+                                         "flow_target_mode": "isolated"})
+
+
+@pytest.mark.parametrize("refine", [True, False])
+def test_segment_with_a_density_model_matches_the_inference_script(tmp_path, refine):
+    """gsn.segment on a model with density and gene channels (the default of training)
+    renders the model's own input and gives the inference script's cells, with and without
+    the transcript refinement."""
+    import GeneSegNet as gsn
+    from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
+    from GeneSegNet.io import read_image, read_label
+    from tests.tiny_runs import inference_runner
+
+    # dense enough (3 /µm² in cells) that the refinement places borders
+    raw = write_simulated_dataset(tmp_path / "raw", 1, TissueConfig(
+        height=160, width=220, transcripts_per_um2=3.0), seed=4)
+    model = _density_model(tmp_path / "density.pt")
+    flags = ["--diameter", "0", "--confidence_threshold", "-3", "--flow_threshold", "0",
+             "--no_heatmap", "--canvas_dtype", "float32"]  # the API keeps float32 canvases
+    if not refine:
+        flags.append("--no_transcript_refine")
+    assert inference_runner(raw, model, *flags)(tmp_path / "cli") == 0
+    want = read_label(tmp_path / "cli" / "label_sample_00.png")
+
+    loaded = gsn.load_model(model)
+    assert loaded.n_image_channels == 1
+    spots = pd.read_csv(raw / "spots" / "sample_00.csv").rename(
+        columns={"spotX": "x", "spotY": "y"})
+    result = gsn.segment(loaded, read_image(raw / "images" / "sample_00.png"), spots,
+                         pixel_size_um=0.5, cellprob_threshold=-3.0, flow_threshold=0.0,
+                         transcript_refine=refine)
+    assert want.max() > 3, "the untrained network should still give several cells here"
+    np.testing.assert_array_equal(result.labels, want)
+    if refine:  # the refinement did move borders here
+        raw_cells = gsn.segment(loaded, read_image(raw / "images" / "sample_00.png"), spots,
+                                pixel_size_um=0.5, cellprob_threshold=-3.0, flow_threshold=0.0,
+                                transcript_refine=False)
+        assert (raw_cells.labels != result.labels).mean() > 0.01
+    assert result.settings["transcript_mode"] == "density"
+    assert result.settings["transcript_refine"] is refine
+
+
+def test_segment_with_a_density_model_needs_the_pixel_size(tmp_path):
+    import GeneSegNet as gsn
+    from GeneSegNet.errors import InputError
+
+    loaded = gsn.load_model(_density_model(tmp_path / "density.pt"))
+    spots = pd.DataFrame({"x": [5.0], "y": [6.0], "gene": ["Gene01"]})
+    with pytest.raises(InputError, match="pixel_size_um"):
+        gsn.segment(loaded, np.zeros((64, 64), np.float32), spots)
