@@ -155,7 +155,7 @@ def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, 
     if img.ndim not in (2, 3) or (img.ndim == 2 and n_img != 1) or (
             img.ndim == 3 and img.shape[2] != n_img):
         raise InputError(f"image of shape {img.shape} does not fit a model with {n_img} image "
-                         f"channel(s) (expected (H, W) or (H, W, C))")
+                         "channel(s) (expected (H, W) or (H, W, C))")
     if pixel_size_um is not None:
         pixel_size_um = check_pixel_size(pixel_size_um, "pixel_size_um")
     elif model_input.transcripts.needs_slide_scale:
