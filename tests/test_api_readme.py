@@ -144,3 +144,19 @@ def test_segment_with_a_density_model_needs_the_pixel_size(tmp_path):
     spots = pd.DataFrame({"x": [5.0], "y": [6.0], "gene": ["Gene01"]})
     with pytest.raises(InputError, match="pixel_size_um"):
         gsn.segment(loaded, np.zeros((64, 64), np.float32), spots)
+
+
+def test_sopa_method_with_a_density_model(tmp_path):
+    """sopa's count channel reaches a density model as unknown-gene spots; the pixel size
+    goes through segment_kwargs and is required."""
+    import GeneSegNet as gsn
+    from GeneSegNet.errors import InputError
+
+    model = _density_model(tmp_path / "density.pt")
+    image = np.zeros((2, 64, 80), np.float32)
+    image[0, 10:30, 10:30] = 1.0
+    image[1] = np.random.default_rng(0).poisson(0.3, (64, 80))
+    labels = gsn.sopa_method(model, pixel_size_um=0.5, cellprob_threshold=-3.0)(image)
+    assert labels.shape == (64, 80) and labels.max() > 0
+    with pytest.raises(InputError, match="pixel_size_um"):
+        gsn.sopa_method(model)(image)
