@@ -93,11 +93,17 @@ def _spot_pixels(spots: pd.DataFrame | None, shape: tuple[int, int], encode=None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Int (rows, cols) pixels of the spots inside the image, and their gene codes
     (``encode`` of the gene column; None without an encoder)."""
+    from GeneSegNet.errors import InputError
     from GeneSegNet.io.spots import spot_pixels
 
     if spots is None or not len(spots):
         empty = np.zeros(0, np.int32)
         return empty, empty, None if encode is None else np.zeros(0, np.int64)
+    needed = ["x", "y"] + ([] if encode is None else ["gene"])
+    missing = [c for c in needed if c not in spots.columns]
+    if missing:
+        raise InputError(f"the spot table has no column {', '.join(missing)} (it needs "
+                         f"{', '.join(needed)}; x and y in pixels, x = column)")
     rows, cols, inside = spot_pixels(spots["x"].to_numpy(np.float64),
                                      spots["y"].to_numpy(np.float64), shape)
     if (~inside).any():

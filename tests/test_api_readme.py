@@ -136,7 +136,7 @@ def test_segment_with_a_density_model_matches_the_inference_script(tmp_path, ref
     assert result.settings["transcript_refine"] is refine
 
 
-def test_segment_with_a_density_model_needs_the_pixel_size(tmp_path):
+def test_segment_with_a_density_model_needs_the_pixel_size_and_genes(tmp_path):
     import GeneSegNet as gsn
     from GeneSegNet.errors import InputError
 
@@ -144,6 +144,9 @@ def test_segment_with_a_density_model_needs_the_pixel_size(tmp_path):
     spots = pd.DataFrame({"x": [5.0], "y": [6.0], "gene": ["Gene01"]})
     with pytest.raises(InputError, match="pixel_size_um"):
         gsn.segment(loaded, np.zeros((64, 64), np.float32), spots)
+    with pytest.raises(InputError, match="no column gene"):  # the gene channels need it
+        gsn.segment(loaded, np.zeros((64, 64), np.float32), spots.drop(columns="gene"),
+                    pixel_size_um=0.5)
 
 
 def test_sopa_method_with_a_density_model(tmp_path):
