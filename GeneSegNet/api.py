@@ -76,7 +76,9 @@ class SegmentationResult:
     @property
     def cell_probability(self) -> np.ndarray:
         """(H, W) float32 sigmoid of :attr:`cell_logit`."""
-        return (1.0 / (1.0 + np.exp(-np.clip(self.cell_logit, -80, 80)))).astype(np.float32)
+        from GeneSegNet.export.confidence import cell_probability
+
+        return cell_probability(self.cell_logit)
 
 
 def load_model(path: str | Path, device: str = "cpu") -> Model:

@@ -40,6 +40,12 @@ DISTANCE_COLUMN_UM = "boundary_distance_um"
 DISTANCE_COLUMN_PX = "boundary_distance_px"
 
 
+def cell_probability(logit: np.ndarray) -> np.ndarray:
+    """float32 sigmoid of cell-probability logits (cast to float32, clipped to ±80)."""
+    logit = np.asarray(logit).astype(np.float32)
+    return 1.0 / (1.0 + np.exp(-np.clip(logit, -80.0, 80.0)))
+
+
 def label_edges(labels: np.ndarray) -> np.ndarray:
     """(H, W) bool: pixels with a 4-neighbour of a different label (image border excluded)."""
     edges = np.zeros(labels.shape, dtype=bool)
@@ -146,8 +152,7 @@ def transcript_confidence(labels: np.ndarray, x: np.ndarray, y: np.ndarray, *,
     if cell_logit is not None or cell_prob is not None:
         prob = np.full(x.shape, np.nan, dtype=np.float32)
         if cell_logit is not None:
-            logit = np.asarray(cell_logit[r, c], dtype=np.float32)
-            prob[inside] = 1.0 / (1.0 + np.exp(-np.clip(logit, -80.0, 80.0)))
+            prob[inside] = cell_probability(cell_logit[r, c])
         else:
             prob[inside] = np.asarray(cell_prob[r, c], dtype=np.float32)
         columns[PROBABILITY_COLUMN] = prob

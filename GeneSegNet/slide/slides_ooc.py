@@ -58,7 +58,7 @@ from GeneSegNet.slide.pipeline import (
     write_run_config,
 )
 from GeneSegNet.slide.plan import plan_windows
-from GeneSegNet.slide.spot_mapping import Plane, cell_probability, write_mapping_streamed
+from GeneSegNet.slide.spot_mapping import Plane, write_mapping_streamed
 from GeneSegNet.slide.store import LazyImage, SlideStore, weights_digest
 from GeneSegNet.slide.windows import SlideTranscripts, SpotIndex, heatmap_tiles
 
@@ -240,7 +240,7 @@ def map_spots_out_of_core(store: SlideStore, spots, out_of_bounds: str = "backgr
     ``cell_probability`` (sigmoid of the stored logit; NaN outside the image), each read
     chunk by chunk (:func:`GeneSegNet.mapping.lookup_chunked`). Equal to the in-memory
     table's rows and columns of the same names."""
-    from GeneSegNet.export.confidence import PROBABILITY_COLUMN
+    from GeneSegNet.export.confidence import PROBABILITY_COLUMN, cell_probability
     from GeneSegNet.mapping import lookup_chunked, map_transcripts
 
     table = map_transcripts(store.labels, spots, out_of_bounds).table

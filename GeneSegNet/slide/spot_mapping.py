@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from GeneSegNet.export.confidence import PROBABILITY_COLUMN, cell_probability
 from GeneSegNet.io.atomic import atomic_path, temp_dir
 from GeneSegNet.io.spot_stream import BATCH_ROWS
 from GeneSegNet.io.spots import spot_pixels
@@ -51,12 +52,6 @@ class Plane:
 
     def __getitem__(self, key) -> np.ndarray:
         return np.asarray(self.array[(self.c, *key)])
-
-
-def cell_probability(logit: np.ndarray) -> np.ndarray:
-    """float32 sigmoid of float32 logits (clipped to ±80)."""
-    logit = np.asarray(logit).astype(np.float32)
-    return 1.0 / (1.0 + np.exp(-np.clip(logit, -80.0, 80.0)))
 
 
 @dataclass
@@ -114,8 +109,6 @@ def _bucket(store, spots, folder: Path, out_of_bounds: str, cells_per: int,
 
 
 def _frame(rec: np.ndarray, names: np.ndarray) -> pd.DataFrame:
-    from GeneSegNet.export.confidence import PROBABILITY_COLUMN
-
     return pd.DataFrame({"cell_id": rec["cell"].astype(np.int64), "spotX": rec["x"],
                          "spotY": rec["y"], "gene": names[rec["gene"]],
                          PROBABILITY_COLUMN: rec["prob"]})
