@@ -96,7 +96,7 @@ def _spot_pixels(spots: pd.DataFrame | None, shape: tuple[int, int], encode=None
     """Int (rows, cols) pixels of the spots inside the image, and their gene codes
     (``encode`` of the gene column; None without an encoder)."""
     from GeneSegNet.errors import InputError
-    from GeneSegNet.io.spots import spot_pixels
+    from GeneSegNet.slide.files import table_pixels
 
     if spots is None or not len(spots):
         empty = np.zeros(0, np.int32)
@@ -106,13 +106,11 @@ def _spot_pixels(spots: pd.DataFrame | None, shape: tuple[int, int], encode=None
     if missing:
         raise InputError(f"the spot table has no column {', '.join(missing)} (it needs "
                          f"{', '.join(needed)}; x and y in pixels, x = column)")
-    rows, cols, inside = spot_pixels(spots["x"].to_numpy(np.float64),
-                                     spots["y"].to_numpy(np.float64), shape)
+    rows, cols, inside, codes = table_pixels(spots, shape, encode)
     if (~inside).any():
         logger.warning("%d of %d spots lie outside the %d×%d image; left out",
                        int((~inside).sum()), len(inside), shape[1], shape[0])
-    codes = None if encode is None else np.asarray(encode(spots["gene"].to_numpy()))[inside]
-    return rows.astype(np.int32), cols.astype(np.int32), codes
+    return rows, cols, codes
 
 
 def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, *,

@@ -137,6 +137,17 @@ def check_output_dir(path: str | Path) -> Path:
     return path
 
 
+def table_pixels(table: pd.DataFrame, shape: tuple[int, int], encode=None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(rows, cols) int32 pixels of the spots of ``table`` (x, y in px, x = column) inside
+    an image of ``shape``, the (N,) bool inside mask, and their gene codes (``encode`` of
+    the gene column; None without an encoder)."""
+    rows, cols, inside = spot_pixels(table["x"].to_numpy(np.float64),
+                                     table["y"].to_numpy(np.float64), shape)
+    codes = None if encode is None else np.asarray(encode(table["gene"].to_numpy()))[inside]
+    return rows.astype(np.int32), cols.astype(np.int32), inside, codes
+
+
 def load_slide(
     sample: SlideSample, *, image_mode: str, spot_scale: float = 1.0, keep_table: bool = False,
     encode=None,
@@ -156,10 +167,9 @@ def load_slide(
     if sample.spots is None:
         return SlideInputs(sample, image, empty, empty, None)
     table = read_spots(sample.spots, scale=spot_scale, strict=False)
-    x = table["x"].to_numpy(np.float64)
-    y = table["y"].to_numpy(np.float64)
-    finite = np.isfinite(x) & np.isfinite(y)
-    rows, cols, inside = spot_pixels(x, y, (height, width))
+    finite = np.isfinite(table["x"].to_numpy(np.float64)) & np.isfinite(
+        table["y"].to_numpy(np.float64))
+    rows, cols, inside, codes = table_pixels(table, (height, width), encode)
     n, n_in = len(table), int(inside.sum())
     n_invalid, n_outside = int((~finite).sum()), int((finite & ~inside).sum())
     if n and not n_in:
@@ -180,10 +190,9 @@ def load_slide(
             sample.image.name,
             n_invalid,
         )
-    codes = None if encode is None else np.asarray(encode(table["gene"].to_numpy()))[inside]
     return SlideInputs(
-        sample, image, rows.astype(np.int32), cols.astype(np.int32),
-        table if keep_table else None, n, n_outside, n_invalid, codes,
+        sample, image, rows, cols, table if keep_table else None, n, n_outside, n_invalid,
+        codes,
     )
 
 

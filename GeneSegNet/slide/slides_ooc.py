@@ -42,7 +42,12 @@ from GeneSegNet.io.images import write_tiled_tiff
 from GeneSegNet.io.layout import channels_for
 from GeneSegNet.io.spot_stream import FrameSpots, SpotSpill, spill_spots
 from GeneSegNet.slide.disk_spots import DiskSpotIndex, inside_pixels
-from GeneSegNet.slide.files import HEATMAP_TILE, SlideSample, write_label_outputs
+from GeneSegNet.slide.files import (
+    HEATMAP_TILE,
+    SlideSample,
+    table_pixels,
+    write_label_outputs,
+)
 from GeneSegNet.slide.outofcore import (
     MaskSettings,
     default_chunk,
@@ -103,12 +108,9 @@ def load_spots(sample: SlideSample, shape: tuple[int, int], spot_scale: float, e
     if sample.spots is None:
         return empty, empty, None, None
     table = read_spots(sample.spots, scale=spot_scale, strict=False)
-    x = table["x"].to_numpy(np.float64)
-    y = table["y"].to_numpy(np.float64)
-    rows, cols, inside = spot_pixels(x, y, shape)
+    rows, cols, inside, codes = table_pixels(table, shape, encode)
     _check_inside(sample, shape, spot_scale, len(table), int(inside.sum()))
-    codes = None if encode is None else np.asarray(encode(table["gene"].to_numpy()))[inside]
-    return rows.astype(np.int32), cols.astype(np.int32), codes, table
+    return rows, cols, codes, table
 
 
 def _check_inside(sample: SlideSample, shape: tuple[int, int], spot_scale: float, n: int,
