@@ -14,6 +14,7 @@ by chunk: the spots are bucketed by chunk and each chunk is read once
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,10 +95,8 @@ def lookup_chunked(values, rows: np.ndarray, cols: np.ndarray,
     out = np.zeros(rows.shape, dtype=np.dtype(values.dtype))
     if not len(order):
         return out
-    sorted_keys = key[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    for a, b in zip(starts, np.r_[starts[1:], len(order)], strict=True):
-        i, j = divmod(int(sorted_keys[a]), n_cols)
+    for k, a, b in key_runs(key[order]):
+        i, j = divmod(k, n_cols)
         block = np.asarray(values[i * ch : (i + 1) * ch, j * cw : (j + 1) * cw])
         take = order[a:b]
         out[take] = block[rows[take] - i * ch, cols[take] - j * cw]
@@ -119,6 +118,18 @@ def stable_order(keys: np.ndarray) -> np.ndarray:
     if int(keys.max()) < np.iinfo(np.int64).max // max(n, 1):
         return np.argsort(keys.astype(np.int64) * n + np.arange(n))
     return np.argsort(keys, kind="stable")
+
+
+def key_runs(sorted_keys: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """(key, start, stop) of each run of equal values in sorted integer ``sorted_keys``,
+    in order; nothing for an empty array."""
+    sorted_keys = np.asarray(sorted_keys)
+    if not sorted_keys.size:
+        return
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    stops = np.r_[starts[1:], sorted_keys.size]
+    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+        yield int(sorted_keys[a]), a, b
 
 
 def map_transcripts(labels: np.ndarray, spots: pd.DataFrame, out_of_bounds: str = "background"

@@ -106,3 +106,17 @@ def test_script_reports_unpaired_and_missing(tmp_path, caplog):
                                 str(tmp_path / "spots"), "--save_dir", str(tmp_path / "out")])
     assert code == 2 and "s9.csv has no matching file in labels" in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+def test_key_runs_against_a_python_loop():
+    from GeneSegNet.mapping import key_runs
+
+    keys = np.sort(np.random.default_rng(0).integers(0, 20, 200))
+    want, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            want.append((int(keys[start]), start, i))
+            start = i
+    assert list(key_runs(keys)) == want
+    assert list(key_runs(np.zeros(0, np.int64))) == []
+    assert list(key_runs(np.array([7]))) == [(7, 0, 1)]

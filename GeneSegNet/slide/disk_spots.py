@@ -21,7 +21,7 @@ from tqdm import tqdm
 from GeneSegNet.io.atomic import atomic_path
 from GeneSegNet.io.spot_stream import BATCH_ROWS, SpotSpill
 from GeneSegNet.io.spots import spot_pixels
-from GeneSegNet.mapping import stable_order
+from GeneSegNet.mapping import key_runs, stable_order
 from GeneSegNet.slide.windows import SpotIndex
 
 logger = logging.getLogger(__name__)
@@ -97,11 +97,7 @@ class DiskSpotIndex(SpotIndex):
                     rec["row"], rec["col"] = rows[order], cols[order]
                     rec["code"] = -1 if table is None else table[genes[order]]
                     raw = rec.view(np.uint8)
-                    sorted_key = key[order]
-                    starts = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
-                    ends = np.r_[starts[1:], len(order)]
-                    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-                        k = int(sorted_key[a])
+                    for k, a, b in key_runs(key[order]):
                         os.pwrite(fd, raw[a * RECORD.itemsize: b * RECORD.itemsize],
                                   int(cursor[k]) * RECORD.itemsize)
                         cursor[k] += b - a

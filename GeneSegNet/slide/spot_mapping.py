@@ -32,7 +32,7 @@ from GeneSegNet.export.confidence import PROBABILITY_COLUMN, cell_probability
 from GeneSegNet.io.atomic import atomic_path, temp_dir
 from GeneSegNet.io.spot_stream import BATCH_ROWS
 from GeneSegNet.io.spots import spot_pixels
-from GeneSegNet.mapping import OUT_OF_BOUNDS_POLICIES, lookup_chunked, stable_order
+from GeneSegNet.mapping import OUT_OF_BOUNDS_POLICIES, key_runs, lookup_chunked, stable_order
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +92,7 @@ def _bucket(store, spots, folder: Path, out_of_bounds: str, cells_per: int,
             present = used | np.pad(present, (0, len(used) - len(present)))
             which = np.where(rec["cell"] > 0, (rec["cell"] - 1) // cells_per + 1, 0)
             order = stable_order(which)
-            sorted_which = which[order]
-            starts = np.flatnonzero(np.r_[True, sorted_which[1:] != sorted_which[:-1]])
-            for a, b in zip(starts.tolist(), np.r_[starts[1:], len(order)].tolist(),
-                            strict=True):
-                if b <= a:
-                    continue
-                k = int(sorted_which[a])
+            for k, a, b in key_runs(which[order]):
                 if k not in handles:
                     handles[k] = open(folder / f"b{k}.rec", "ab")  # noqa: SIM115
                 rec[order[a:b]].tofile(handles[k])
