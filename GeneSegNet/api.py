@@ -142,12 +142,11 @@ def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, 
         inference script's options (``--confidence_threshold`` for ``cellprob_threshold``).
     transcript_refine : as the inference script (off: ``--no_transcript_refine``).
     """
-    import argparse
     import math
 
-    from GeneSegNet.cli.args import eval_config_from_args
     from GeneSegNet.errors import InputError
     from GeneSegNet.io.metadata import check_pixel_size
+    from GeneSegNet.model.predict import eval_config_for_model
     from GeneSegNet.slide.blockwise import reconstruct_blockwise
     from GeneSegNet.slide.pipeline import refine_with_transcripts, slide_transcripts
     from GeneSegNet.slide.plan import SlideConfig
@@ -170,12 +169,12 @@ def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, 
     shape = img.shape[:2]
     encode = None if model_input.embedding is None else model_input.embedding.encode
     rows, cols, codes = _spot_pixels(spots, shape, encode)
-    # the inference script's rule: the model's transcript input, image normalisation,
-    # heatmap scaling and flow targets, with these settings
-    given = argparse.Namespace(diameter=diameter, flow_threshold=flow_threshold,
-                               confidence_threshold=cellprob_threshold, min_size=min_size,
-                               niter=niter, batch_size=batch_size, augment=augment)
-    ev = eval_config_from_args(given, model.meta.get("train_config"), model_input=model_input)
+    # as the inference script: the model's transcript input, image normalisation, heatmap
+    # scaling and flow targets, with these settings
+    settings = {"diameter": diameter, "flow_threshold": flow_threshold,
+                "confidence_threshold": cellprob_threshold, "min_size": min_size,
+                "niter": niter, "batch_size": batch_size, "augment": augment}
+    ev = eval_config_for_model(settings, model.meta.get("train_config"), model_input)
     cfg = SlideConfig(window=window, evaluation=ev, canvas_dtype="float32")
     diams = {"diam_mean": float(model.meta["diam_mean"]),
              "diam_labels": float(model.meta["diam_labels"])}

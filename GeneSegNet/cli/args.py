@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -353,51 +352,28 @@ def eval_config_from_args(
         overriding the model's image normalisation (with a warning). None: EvalConfig's
         defaults (upstream heatmap input), ``--image_norm`` ignored.
 
-    Only flags given override :class:`EvalConfig`'s defaults. Raises ``InputError`` for
+    Only flags given override :class:`EvalConfig`'s defaults; what the model fixes comes
+    from :func:`GeneSegNet.model.predict.eval_config_for_model`. Raises ``InputError`` for
     invalid settings.
     """
-    from GeneSegNet.errors import InputError
-    from GeneSegNet.model.predict import EvalConfig
+    from GeneSegNet.model.predict import eval_config_for_model
 
-    kwargs: dict[str, Any] = {
+    settings: dict[str, Any] = {
         field: getattr(args, dest)
         for dest, field in _EVAL_FIELDS.items()
         if getattr(args, dest, None) is not None
     }
-    trained_mode = (trained or {}).get("heatmap_mode")
-    given_mode = getattr(args, "heatmap_norm", None)
-    if given_mode is not None and trained_mode is not None and given_mode != trained_mode:
-        logger.warning(
-            "--heatmap_norm %s differs from the model's training setting (%s): the model "
-            "sees heatmaps scaled differently from training",
-            given_mode,
-            trained_mode,
-        )
-    mode = given_mode if given_mode is not None else trained_mode
-    if mode is not None:
-        kwargs["heatmap_mode"] = mode
     if getattr(args, "no_resample", False) or getattr(args, "fast_mode", False):
-        kwargs["resample"] = False
+        settings["resample"] = False
     if getattr(args, "y_only_movers", False):
-        kwargs["y_only_movers"] = True
-    if trained is not None:  # the flow check compares with the targets the model learnt
-        kwargs["flow_target_mode"] = trained.get("flow_target_mode", "upstream")
+        settings["y_only_movers"] = True
     if getattr(args, "no_norm", False):
-        kwargs["normalize"] = False
+        settings["normalize"] = False
     if getattr(args, "invert", False):
-        kwargs["invert"] = True
-    if model_input is not None:
-        model_input = model_input.with_image_norm(getattr(args, "image_norm", None))
-        if model_input.image_norm == "local" and not model_input.norm_scale_px:
-            from GeneSegNet.data.transforms import norm_scale_for
-
-            diam = (trained or {}).get("diam_mean") or getattr(args, "diam_mean", None) or 34.0
-            model_input = replace(model_input, norm_scale_px=norm_scale_for(float(diam)))
-        kwargs.update(model_input.eval_fields())
-    try:
-        return EvalConfig(**kwargs)
-    except ValueError as exc:
-        raise InputError(f"bad evaluation settings: {exc}") from None
+        settings["invert"] = True
+    return eval_config_for_model(
+        settings, trained, model_input, heatmap_norm=getattr(args, "heatmap_norm", None),
+        image_norm=getattr(args, "image_norm", None), diam_mean=getattr(args, "diam_mean", None))
 
 
 def output_options_from_args(args: argparse.Namespace) -> OutputOptions:

@@ -168,6 +168,56 @@ class Prediction:
 MAX_RESCALE = 16.0  # largest resize (and 1 / smallest) of an image for the network
 
 
+def eval_config_for_model(settings: dict[str, Any], trained: dict[str, Any] | None,
+                          model_input=None, *, heatmap_norm: str | None = None,
+                          image_norm: str | None = None, diam_mean: float | None = None
+                          ) -> EvalConfig:
+    """The :class:`EvalConfig` of ``settings`` (EvalConfig fields chosen by the caller) for
+    a model, with what the model itself fixes.
+
+    trained : the settings the model was trained with (a checkpoint's ``train_config``, or
+        ``TrainConfig.to_dict()`` in training); None when unknown (an upstream state
+        dict). Its ``heatmap_mode`` is used unless ``heatmap_norm`` is given (then with a
+        warning if they differ); its ``flow_target_mode`` sets the flow check's targets.
+    model_input : the model's input (:func:`GeneSegNet.data.model_input.model_input_from_meta`):
+        the transcript-input and image-normalisation fields, ``image_norm`` overriding the
+        model's image normalisation (with a warning). None: EvalConfig's defaults (upstream
+        heatmap input), ``image_norm`` ignored. A local normalisation without a block size
+        gets one from ``diam_mean`` (the trained one first, else 34).
+
+    Raises ``InputError`` for invalid settings.
+    """
+    from dataclasses import replace
+
+    from GeneSegNet.data.transforms import norm_scale_for
+    from GeneSegNet.errors import InputError
+
+    kwargs = dict(settings)
+    trained_mode = (trained or {}).get("heatmap_mode")
+    if heatmap_norm is not None and trained_mode is not None and heatmap_norm != trained_mode:
+        logger.warning(
+            "--heatmap_norm %s differs from the model's training setting (%s): the model "
+            "sees heatmaps scaled differently from training",
+            heatmap_norm,
+            trained_mode,
+        )
+    mode = heatmap_norm if heatmap_norm is not None else trained_mode
+    if mode is not None:
+        kwargs["heatmap_mode"] = mode
+    if trained is not None:  # the flow check compares with the targets the model learnt
+        kwargs["flow_target_mode"] = trained.get("flow_target_mode", "upstream")
+    if model_input is not None:
+        model_input = model_input.with_image_norm(image_norm)
+        if model_input.image_norm == "local" and not model_input.norm_scale_px:
+            diam = (trained or {}).get("diam_mean") or diam_mean or 34.0
+            model_input = replace(model_input, norm_scale_px=norm_scale_for(float(diam)))
+        kwargs.update(model_input.eval_fields())
+    try:
+        return EvalConfig(**kwargs)
+    except ValueError as exc:
+        raise InputError(f"bad evaluation settings: {exc}") from None
+
+
 def rescale_factor(cfg: EvalConfig, *, diam_mean: float, diam_labels: float) -> float:
     """Resize factor of the network pass: ``diam_mean / diameter``, or
     ``diam_mean / diam_labels`` when ``cfg.diameter == 0``."""
