@@ -202,34 +202,33 @@ def train_and_score(model: str, args, crops: Path, raw: Path, names: list[str],
     minutes = sum(r["training"]["train_seconds"] for r in manifest["rounds"]) / 60
     if not test_root.exists():
         _test_root(raw, names, test_root, with_spots=model != "image_only")
-    rows = []
-    for n, record in enumerate(manifest["rounds"], start=1):
-        save = out / f"pred_{model}_round{n}{_suffix(args)}"
+    def predict_and_score(save: Path, model_file: str, what: str, *flags: str) -> dict:
+        """Whole-image inference into ``save`` (unless there from an earlier run), scored."""
         if not save.exists():
             start = time.perf_counter()
             _check(slidingwindows_gradient.main(
                 ["--root_dir", str(test_root), "--save_dir", str(save), "--model_file",
-                 record["model_used"], "--diameter", "0", *_inference(args)]),
-                f"inference {model}")
-            print(f"  {model} round {n}: inference of {len(names)} image(s) "
+                 model_file, "--diameter", "0", *flags, *_inference(args)]),
+                f"inference {what}")
+            print(f"  {what}: inference of {len(names)} image(s) "
                   f"{time.perf_counter() - start:.1f} s ({args.threads} torch threads)",
                   flush=True)
-        scores = _score_labels(raw, names, lambda name, s=save: read_label(
-            next(s.glob(f"label_{name}.*"))))
-        tta = ", --augment" if args.augment else ""
+        return _score_labels(raw, names, lambda name: read_label(
+            next(save.glob(f"label_{name}.*"))))
+
+    rows = []
+    tta = ", --augment" if args.augment else ""
+    for n, record in enumerate(manifest["rounds"], start=1):
+        scores = predict_and_score(out / f"pred_{model}_round{n}{_suffix(args)}",
+                                   record["model_used"], f"{model} round {n}")
         rows.append((f"{model}, round {n}{tta} ({minutes:.1f} min training in all)", scores))
         if model == "genesegnet" and n == len(manifest["rounds"]):  # the network's cells alone
-            raw_save = out / f"pred_{model}_round{n}_network_only{_suffix(args)}"
-            if not raw_save.exists():
-                _check(slidingwindows_gradient.main(
-                    ["--root_dir", str(test_root), "--save_dir", str(raw_save), "--model_file",
-                     record["model_used"], "--diameter", "0", "--no_transcript_refine",
-                     *_inference(args)]),
-                    f"inference {model} (network only)")
             rows.append((f"{model}, round {n}{tta}, network cells without inference "
                          "refinement",
-                         _score_labels(raw, names, lambda name, s=raw_save: read_label(
-                             next(s.glob(f"label_{name}.*"))))))
+                         predict_and_score(
+                             out / f"pred_{model}_round{n}_network_only{_suffix(args)}",
+                             record["model_used"], f"{model} round {n} (network only)",
+                             "--no_transcript_refine")))
         cells = record["relabelled"] or {}
         print(f"  {model} round {n}: training labels {record['input_labels']['train']['n_cells']}"
               f" cells; relabelled {cells.get('train', {}).get('n_cells', '-')}", flush=True)
