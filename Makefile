@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo_output
+DEMO_EPOCHS := 36
 
 .PHONY: setup demo test bench clean
 
@@ -25,7 +26,7 @@ demo: $(STAMP)
 	@echo "== 3/7 recursive training: starting nuclei grown by their transcripts, 2 rounds, small network"
 	$(PY) GeneSeg_train.py --train_dir $(DEMO)/crops/train --val_dir $(DEMO)/crops/val \
 		--test_dir $(DEMO)/crops/test --save_model_dir $(DEMO)/train_run --all_channels \
-		--metrics --recursive_num 2 --n_epochs 12 --learning_rate 0.01 --nbase 8 16 32 64 \
+		--metrics --recursive_num 2 --n_epochs $(DEMO_EPOCHS) --learning_rate 0.01 --nbase 8 16 32 64 \
 		--train_tile_size 112 --diam_mean 17 --diameter 0 --relabel_min_size 50 \
 		--warm_start_rounds
 	@echo "== 4/7 whole-image inference, transcript mapping and result files in one run"
