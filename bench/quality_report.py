@@ -49,6 +49,7 @@ import torch  # noqa: E402
 from skimage.segmentation import expand_labels  # noqa: E402
 
 import GeneSeg_train  # noqa: E402
+from bench.quality_summary import row_key  # noqa: E402
 from GeneSegNet.data.heatmap import render_heatmap  # noqa: E402
 from GeneSegNet.data.transcripts import (  # noqa: E402
     DEFAULT_SIGMA_UM,
@@ -59,7 +60,13 @@ from GeneSegNet.data.transcripts import (  # noqa: E402
 )
 from GeneSegNet.evaluation.truth import score_sample  # noqa: E402
 from GeneSegNet.growth.grow import grow_labels  # noqa: E402
-from GeneSegNet.io import read_image, read_label, read_spots, spot_pixels  # noqa: E402
+from GeneSegNet.io import (  # noqa: E402
+    atomic_path,
+    read_image,
+    read_label,
+    read_spots,
+    spot_pixels,
+)
 from GeneSegNet.io.metadata import metadata_path, read_metadata  # noqa: E402
 from Inference import slidingwindows_gradient  # noqa: E402
 from preprocess import Generate_Image_Label_locationMap, simulate_tissue  # noqa: E402
@@ -351,11 +358,25 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     for name, r in rows:
         print(f"{name:<58}" + "".join(f"{r[m]:>12.3f}" for m in (*MEASURES, "found")))
-    (out / "quality_report.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "saturation": sat,
-         "rows": [{"segmentation": n, **{k: float(v) for k, v in r.items()}} for n, r in rows]},
-        indent=1))
+    report_path = out / "quality_report.json"
+    new_rows = [{"segmentation": n, **{k: float(v) for k, v in r.items()}} for n, r in rows]
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "saturation": sat,
+              "rows": new_rows}
+    if args.resume and report_path.exists():  # add to the earlier report, do not replace it
+        earlier = json.loads(report_path.read_text())
+        report["rows"] = merge_rows(new_rows, earlier.get("rows", []))
+        report["earlier_args"] = [*earlier.get("earlier_args", []), earlier.get("args", {})]
+    with atomic_path(report_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1))
     return 0
+
+
+def merge_rows(new: list[dict], earlier: list[dict]) -> list[dict]:
+    """This run's rows, then the earlier report's rows this run did not score again (matched
+    by :func:`bench.quality_summary.row_key`: a resumed run's rows differ only in the
+    training minutes and the chosen expansion distance)."""
+    done = {row_key(r["segmentation"]) for r in new}
+    return [*new, *(r for r in earlier if row_key(r["segmentation"]) not in done)]
 
 
 if __name__ == "__main__":

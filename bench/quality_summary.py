@@ -4,8 +4,8 @@ Runs of ``bench/quality_report.py`` at the sizes a CPU allows vary by several po
 between image sets (other ``--seed``), above all on the sparse preset. This script reads
 the ``quality_report.json`` of each run and prints, for every segmentation they share,
 the median of each measure over the runs and its range; and, per run, which measures
-GeneSegNet's last round wins against nuclei expansion (at the distance with the best
-AP@0.5, and at each measure's own best distance).
+GeneSegNet's last round (each variant: with and without ``--augment``) wins against nuclei
+expansion (at the distance with the best AP@0.5, and at each measure's own best distance).
 
 Run: python bench/quality_summary.py RUN_DIR [RUN_DIR ...]
 """
@@ -47,11 +47,13 @@ def read_report(run_dir: Path) -> dict[str, dict[str, float]]:
     return {row_key(r["segmentation"]): r for r in rows}
 
 
-def last_round(report: dict[str, dict[str, float]]) -> str | None:
-    """The key of GeneSegNet's last round (not its network-only row), if any."""
-    rounds = [k for k in report if re.match(r"genesegnet, round \d+", k)
-              and "network cells" not in k]
-    return max(rounds, key=lambda k: int(re.search(r"round (\d+)", k).group(1)), default=None)
+def last_rounds(report: dict[str, dict[str, float]]) -> list[str]:
+    """The keys of GeneSegNet's last round (with and without ``--augment``; not its
+    network-only rows), in report order."""
+    rounds = {k: int(m.group(1)) for k in report
+              if (m := re.match(r"genesegnet, round (\d+)", k)) and "network cells" not in k}
+    last = max(rounds.values(), default=None)
+    return [k for k, n in rounds.items() if n == last]
 
 
 def wins(ours: dict[str, float], other: dict[str, float]) -> list[str]:
@@ -81,15 +83,13 @@ def main(argv: list[str] | None = None) -> int:
                          if values.size else "-")
         print(f"{key[:62]:<62}" + "".join(f"{c:>22}" for c in cells))
     for run, report in zip(args.runs, reports, strict=True):
-        ours = last_round(report)
-        if ours is None:
-            continue
-        for baseline in (EXPANSION_BEST, EXPANSION_PER_MEASURE):
-            if baseline in report:
-                won = wins(report[ours], report[baseline])
-                lost = [m for m in MEASURES if m not in won]
-                print(f"{run}: {ours} beats {baseline} on {len(won)} of {len(MEASURES)}"
-                      f" measures; not on: {', '.join(lost) or 'none'}")
+        for ours in last_rounds(report):
+            for baseline in (EXPANSION_BEST, EXPANSION_PER_MEASURE):
+                if baseline in report:
+                    won = wins(report[ours], report[baseline])
+                    lost = [m for m in MEASURES if m not in won]
+                    print(f"{run}: {ours} beats {baseline} on {len(won)} of "
+                          f"{len(MEASURES)} measures; not on: {', '.join(lost) or 'none'}")
     return 0
 
 

@@ -48,3 +48,24 @@ def test_medians_ranges_and_wins(tmp_path, capsys):
 def test_a_folder_without_a_report_is_named(tmp_path):
     with pytest.raises(SystemExit, match="not a quality report"):
         quality_summary.main([str(tmp_path)])
+
+
+def test_every_variant_of_the_last_round_is_compared(tmp_path, capsys):
+    run = _report(tmp_path / "a", {"AP@0.5": 0.95, "AP@0.75": 0.9, "AP@0.9": 0.2,
+                                   "right_cell": 0.9, "background_in_cells": 0.85,
+                                   "assignment_accuracy": 0.84}, 5, 3.2)
+    report = json.loads((run / "quality_report.json").read_text())
+    plain = report["rows"][-1]
+    report["rows"] += [
+        {**plain, "segmentation": "genesegnet, round 2, --augment (3.2 min training in all)",
+         "background_in_cells": 0.7},
+        {**plain, "segmentation": "genesegnet, round 2, network cells without inference "
+                                  "refinement", "AP@0.5": 0.1}]
+    (run / "quality_report.json").write_text(json.dumps(report))
+    assert quality_summary.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    best = quality_summary.EXPANSION_BEST
+    assert f"{run}: genesegnet, round 2 beats {best} on 5 of 6" in out
+    # the --augment row holds fewer background transcripts (0.7 < 0.79): all 6 measures
+    assert f"{run}: genesegnet, round 2, --augment beats {best} on 6 of 6" in out
+    assert "network cells without inference refinement beats" not in out
