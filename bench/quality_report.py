@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "'--max_growth_um 4'")
     parser.add_argument("--prep_flags", default="",
                         help="extra Generate_Image_Label_locationMap.py flags for the crops, "
-                             "e.g. '--gene_channels 0'")
+                             "e.g. '--gene_channels 0' (a lone flag: --prep_flags=--flag)")
     parser.add_argument("--transcript_sigma_um", type=float, default=None,
                         help="density kernel σ of the crops (preprocessing's default if unset)")
     parser.add_argument("--working_pixel_size", type=float, default=None,
