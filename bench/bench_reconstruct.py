@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from GeneSegNet.dynamics import flow_targets, reconstruct
+from GeneSegNet.dynamics import flow_targets, follow
 from GeneSegNet.dynamics.flow_targets import masks_to_flows
+from GeneSegNet.dynamics.follow import follow_flows
 from GeneSegNet.dynamics.masks import compact_labels, fill_holes_and_remove_small_masks
 from GeneSegNet.dynamics.reconstruct import (
     compute_masks,
-    follow_flows,
     get_masks,
     remove_bad_flow_masks,
 )
@@ -163,11 +163,11 @@ def time_torch_paths(dP: np.ndarray, masks: np.ndarray, repeats: int) -> None:
         (), 5.0
     )
     movers = torch.nonzero((field[0].abs() > 1e-3) | (field[1].abs() > 1e-3))
-    own = torch.as_tensor(reconstruct._own_coordinates(*iscell.shape))
+    own = torch.as_tensor(follow._own_coordinates(*iscell.shape))
 
     def torch_follow() -> np.ndarray:
         final = own.clone()
-        reconstruct._follow_torch(field, movers, 200, final, 65536)
+        follow._follow_torch(field, movers, 200, final, 65536)
         return final.numpy()
 
     t_wall, _, t_pos = timed(torch_follow, repeats)

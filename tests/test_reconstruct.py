@@ -1,4 +1,5 @@
-"""Tests for GeneSegNet.dynamics.reconstruct: flow following, histogram clustering, flow check."""
+"""Tests for GeneSegNet.dynamics.follow (flow following) and GeneSegNet.dynamics.reconstruct
+(histogram clustering, flow check, compute_masks)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from GeneSegNet.dynamics import reconstruct
+from GeneSegNet.dynamics import follow, reconstruct
 from GeneSegNet.dynamics.flow_targets import masks_to_flows
+from GeneSegNet.dynamics.follow import follow_flows
 from GeneSegNet.dynamics.reconstruct import (
     compute_masks,
     flow_errors,
-    follow_flows,
     get_masks,
     remove_bad_flow_masks,
 )
@@ -295,8 +296,8 @@ def torch_follow(dP: np.ndarray, iscell: np.ndarray, niter: int, chunk_size: int
         (), 5.0
     )
     movers = torch.nonzero((field[0].abs() > 1e-3) | (field[1].abs() > 1e-3))
-    final = torch.as_tensor(reconstruct._own_coordinates(*iscell.shape))
-    reconstruct._follow_torch(field, movers, niter, final, chunk_size)
+    final = torch.as_tensor(follow._own_coordinates(*iscell.shape))
+    follow._follow_torch(field, movers, niter, final, chunk_size)
     return final.numpy()
 
 
@@ -310,9 +311,9 @@ def test_follow_flows_cpu_kernel_matches_torch_path_bit_for_bit(monkeypatch):
     np.testing.assert_array_equal(follow_flows(dP, iscell, chunk_size=777), ours[200])
     for n, result in ours.items():
         np.testing.assert_array_equal(result, torch_follow(dP, iscell, n, 10**9))
-    monkeypatch.setattr(reconstruct, "_CYCLE_CHECK_EVERY", 10**9)  # torch: no retirement
+    monkeypatch.setattr(follow, "_CYCLE_CHECK_EVERY", 10**9)  # torch: no retirement
     np.testing.assert_array_equal(torch_follow(dP, iscell, 200, 500), ours[200])
-    monkeypatch.setattr(reconstruct, "_FLOAT_INDEX_LIMIT", 0)  # torch: integer index path
+    monkeypatch.setattr(follow, "_FLOAT_INDEX_LIMIT", 0)  # torch: integer index path
     np.testing.assert_array_equal(torch_follow(dP, iscell, 37, 10**9), ours[37])
 
 

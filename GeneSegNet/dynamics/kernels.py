@@ -7,7 +7,7 @@ floating-point operations, in the same order, a few hundred pixels or one cell a
 time with the working set in cache:
 
 - :func:`follow_positions` is flow following
-  (:func:`GeneSegNet.dynamics.reconstruct.follow_flows`), with exact cycle retirement;
+  (:func:`GeneSegNet.dynamics.follow.follow_flows`), with exact cycle retirement;
 - :func:`diffuse_cells` is the label-restricted 9-point diffusion of
   :mod:`GeneSegNet.dynamics.flow_targets`, one cell at a time inside its own bounding box;
 - :func:`cell_centers` and :func:`fill_holes_and_filter` are the per-cell loops of
@@ -40,7 +40,7 @@ def bilinear_table(field: np.ndarray) -> np.ndarray:
     Columns (2k, 2k+1) hold coefficient k for the (y, x) components: ``a = f00``,
     ``bx = f01 - f00``, ``by = f10 - f00``, ``bxy = f11 - f10 - f01 + f00``, where f01 /
     f10 / f11 are the right / lower / lower-right neighbours with the +1 index clamped to
-    L - 1 (the transpose of ``reconstruct._bilinear_table``).
+    L - 1 (the transpose of ``follow._bilinear_table``).
     """
     height, width = field.shape[1], field.shape[2]
     table = np.empty((height * width, 8), dtype=field.dtype)
