@@ -15,6 +15,7 @@ pixel (r, c) covers [c, c+1) × [r, r+1)) and, with a pixel size, also in ``micr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -102,6 +103,18 @@ def build_spatialdata(name: str, image: np.ndarray | None, labels: np.ndarray,
     return SpatialData(images=images, tables={TABLE_KEY: table}, **elements)
 
 
+def _unsharded_zarr_tables() -> contextlib.AbstractContextManager:
+    """anndata 0.12 warns once per array it writes to zarr v3 while its
+    ``auto_shard_zarr_v3`` setting is unset (sharding will become its default). Set it to
+    False, its current behaviour, for our writes; older anndata has no such setting."""
+    import anndata
+
+    try:
+        return anndata.settings.override(auto_shard_zarr_v3=False)
+    except AttributeError:
+        return contextlib.nullcontext()
+
+
 def write_spatialdata(path: str | Path, sdata, overwrite: bool = True) -> Path:
     """Write ``sdata`` to the zarr store ``path``: written under a temporary name in the
     same folder, then renamed onto ``path`` (an existing store is replaced only when
@@ -112,7 +125,8 @@ def write_spatialdata(path: str | Path, sdata, overwrite: bool = True) -> Path:
     work = temp_dir(path)
     try:
         store = work / path.name
-        sdata.write(store)
+        with _unsharded_zarr_tables():
+            sdata.write(store)
         if path.exists():
             os.replace(path, work / "old")
         os.replace(store, path)
