@@ -12,11 +12,26 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _OWN_HANDLER = "_genesegnet_handler"
 PROJECT_LOGGER = "GeneSegNet"
 # Third-party loggers known to be chatty at INFO; pinned to WARNING.
 QUIET_LOGGERS = ("numba", "matplotlib", "PIL", "fsspec", "urllib3")
+
+
+class ProgressAwareHandler(logging.StreamHandler):
+    """A stream handler that writes through ``tqdm.write``: an active progress bar is
+    cleared, the line printed, and the bar drawn again below it, so log lines and bars
+    do not run into each other."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 (as StreamHandler.emit: logging never raises)
+            self.handleError(record)
 
 
 def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> None:
@@ -31,7 +46,7 @@ def setup_logging(verbose: bool = False, log_file: str | Path | None = None) -> 
         if getattr(handler, _OWN_HANDLER, False):
             root.removeHandler(handler)
             handler.close()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [ProgressAwareHandler(sys.stderr)]
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file, mode="a", encoding="utf-8"))

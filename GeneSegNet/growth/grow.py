@@ -357,7 +357,7 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
                            sigma_px, params, pixel_size_um, distance_only=distance_only)
     new = _new_cells(grown, foreground, counts, pixel_size_um, params)
     out = np.where(new > 0, new + (n_ids - 1), grown)
-    logger.info("grow_labels: %d input cells, %d new cells; density /µm² cell %.3g, "
+    logger.debug("grow_labels: %d input cells, %d new cells; density /µm² cell %.3g, "
                 "background %.3g; borders by %s", len(np.unique(labels)) - 1, int(new.max()),
                 levels.cell_per_um2, levels.background_per_um2,
                 "distance" if distance_only else "transcripts")
@@ -381,7 +381,7 @@ def regrow_whole_cells(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndar
     levels = estimate_levels(labels, rows_px, cols_px, pixel_size_um=pixel_size_um,
                              params=params)
     if border_by_distance(levels.cell_per_um2, params):
-        logger.info("regrow_whole_cells: %.3g transcripts/µm² in cells, too sparse to "
+        logger.debug("regrow_whole_cells: %.3g transcripts/µm² in cells, too sparse to "
                     "place borders; cells kept as they are", levels.cell_per_um2)
         return labels.astype(np.int32)
     return grow_labels(labels, rows_px, cols_px, gene_codes, pixel_size_um=pixel_size_um,

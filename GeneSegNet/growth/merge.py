@@ -126,7 +126,7 @@ def merge_with_previous(predicted: np.ndarray, previous: np.ndarray, rows_px: np
     out[put] = new_id[previous][put]
     counts = {"kept": n_kept - n_split, "split": n_split, "added_back": int(added.sum()),
               "dropped": int(dropped.sum())}
-    logger.info("merge_with_previous: %s", counts)
+    logger.debug("merge_with_previous: %s", counts)
     return out.astype(np.int32), counts
 
 

@@ -118,7 +118,7 @@ def save_checkpoint(
     finally:
         if not done:
             Path(tmp).unlink(missing_ok=True)
-    logger.info("saved checkpoint %s", path)
+    logger.debug("saved checkpoint %s", path)
     return path
 
 

@@ -185,7 +185,11 @@ def refine_with_transcripts(labels: np.ndarray, rows: np.ndarray, cols: np.ndarr
     genes = np.zeros(len(rows), np.int64) if codes is None else np.asarray(codes) + 1
     grown = regrow_whole_cells(labels, np.asarray(rows) + 0.5, np.asarray(cols) + 0.5, genes,
                                pixel_size_um=pixel_size_um)
-    return renumber(grown, order="first")
+    out = renumber(grown, order="first")
+    logger.info("transcript refinement: cells cover %.1f %% of the image (network %.1f %%); "
+                "%d cells", 100 * np.count_nonzero(out) / out.size,
+                100 * np.count_nonzero(labels) / labels.size, int(out.max()))
+    return out
 
 
 @dataclass
