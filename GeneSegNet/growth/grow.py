@@ -358,9 +358,9 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
     new = _new_cells(grown, foreground, counts, pixel_size_um, params)
     out = np.where(new > 0, new + (n_ids - 1), grown)
     logger.debug("grow_labels: %d input cells, %d new cells; density /µm² cell %.3g, "
-                "background %.3g; borders by %s", len(np.unique(labels)) - 1, int(new.max()),
-                levels.cell_per_um2, levels.background_per_um2,
-                "distance" if distance_only else "transcripts")
+                 "background %.3g; borders by %s", len(np.unique(labels)) - 1, int(new.max()),
+                 levels.cell_per_um2, levels.background_per_um2,
+                 "distance" if distance_only else "transcripts")
     return out.astype(np.int32)
 
 
@@ -382,7 +382,7 @@ def regrow_whole_cells(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndar
                              params=params)
     if border_by_distance(levels.cell_per_um2, params):
         logger.debug("regrow_whole_cells: %.3g transcripts/µm² in cells, too sparse to "
-                    "place borders; cells kept as they are", levels.cell_per_um2)
+                     "place borders; cells kept as they are", levels.cell_per_um2)
         return labels.astype(np.int32)
     return grow_labels(labels, rows_px, cols_px, gene_codes, pixel_size_um=pixel_size_um,
                        params=replace(params, trim_to_foreground=True))

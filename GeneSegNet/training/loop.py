@@ -486,9 +486,10 @@ def train_network(
     if not run.last_path.exists():  # resumed after the final epoch: nothing was run
         run.save(cfg.n_epochs - 1, "last")
     best = run.best_path if run.best_epoch is not None and run.best_path.exists() else None
-    logger.info("model %s (epoch %s)%s", run.last_path, run.saved_epoch,
-                "" if best is None else f"; best validation loss {run.best_val_loss:.4f} at "
-                f"epoch {run.best_epoch}: {best}")
+    epoch = "" if run.saved_epoch is None else f" (epoch {run.saved_epoch})"
+    best_text = "" if best is None else (f"; best validation loss {run.best_val_loss:.4f} at "
+                                         f"epoch {run.best_epoch}: {best}")
+    logger.info("model %s%s%s", run.last_path, epoch, best_text)
     dropped = {"train": dropped_train, "val": dropped_val}
     result = (len(train.crops), n_val, dropped, run.best_epoch, run.best_val_loss)
     return TrainResult(
