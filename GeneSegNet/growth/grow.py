@@ -357,10 +357,11 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
                            sigma_px, params, pixel_size_um, distance_only=distance_only)
     new = _new_cells(grown, foreground, counts, pixel_size_um, params)
     out = np.where(new > 0, new + (n_ids - 1), grown)
-    logger.debug("grow_labels: %d input cells, %d new cells; density /µm² cell %.3g, "
-                 "background %.3g; borders by %s", len(np.unique(labels)) - 1, int(new.max()),
-                 levels.cell_per_um2, levels.background_per_um2,
-                 "distance" if distance_only else "transcripts")
+    if logger.isEnabledFor(logging.DEBUG):  # np.unique sorts the whole image
+        logger.debug("grow_labels: %d input cells, %d new cells; density /µm² cell %.3g, "
+                     "background %.3g; borders by %s", len(np.unique(labels)) - 1,
+                     int(new.max()), levels.cell_per_um2, levels.background_per_um2,
+                     "distance" if distance_only else "transcripts")
     return out.astype(np.int32)
 
 
