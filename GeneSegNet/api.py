@@ -118,11 +118,12 @@ def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, 
             block_size: int = 2048, halo: int | None = None, flow_threshold: float = 0.4,
             cellprob_threshold: float = 0.0, min_size: int = 15, niter: int = 200,
             batch_size: int = 8, augment: bool = False, transcript_refine: bool = True,
-            progress: bool = False) -> SegmentationResult:
+            smooth_um: float = 1.0, progress: bool = False) -> SegmentationResult:
     """Segment a whole image as the inference script does: window pass
     (:func:`GeneSegNet.slide.windows.predict_slide`), block-wise masks
     (:func:`GeneSegNet.slide.blockwise.reconstruct_blockwise`), then, for models with a
-    transcript density input, the transcript refinement of the cells.
+    transcript density input, the transcript refinement of the cells, and last the
+    outline smoothing (with a pixel size).
 
     The transcript input and image normalisation are the model's own (from its
     checkpoint): upstream's heatmap, or the density with gene channels of a model trained
@@ -141,6 +142,8 @@ def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, 
     flow_threshold, cellprob_threshold, min_size, niter, batch_size, augment : as the
         inference script's options (``--confidence_threshold`` for ``cellprob_threshold``).
     transcript_refine : as the inference script (off: ``--no_transcript_refine``).
+    smooth_um : outline smoothing width in µm (``--smooth_um``; 0: off; needs
+        ``pixel_size_um``).
     """
     import math
 
@@ -148,7 +151,11 @@ def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, 
     from GeneSegNet.io.metadata import check_pixel_size
     from GeneSegNet.model.predict import eval_config_for_model
     from GeneSegNet.slide.blockwise import reconstruct_blockwise
-    from GeneSegNet.slide.pipeline import refine_with_transcripts, slide_transcripts
+    from GeneSegNet.slide.pipeline import (
+        refine_with_transcripts,
+        slide_transcripts,
+        smooth_slide_outlines,
+    )
     from GeneSegNet.slide.plan import SlideConfig
     from GeneSegNet.slide.windows import SpotIndex, predict_slide
 
@@ -161,6 +168,8 @@ def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, 
             img.ndim == 3 and img.shape[2] != n_img):
         raise InputError(f"image of shape {img.shape} does not fit a model with {n_img} image "
                          "channel(s) (expected (H, W) or (H, W, C))")
+    if not smooth_um >= 0:
+        raise InputError(f"smooth_um must be >= 0 (µm; 0: no outline smoothing), got {smooth_um}")
     if pixel_size_um is not None:
         pixel_size_um = check_pixel_size(pixel_size_um, "pixel_size_um")
     elif model_input.transcripts.needs_slide_scale:
@@ -189,10 +198,12 @@ def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, 
     refined = transcript_refine and transcripts is not None and len(rows) > 0
     if refined:
         labels = refine_with_transcripts(labels, rows, cols, codes, pixel_size_um)
+    smoothed = smooth_um if smooth_um > 0 and pixel_size_um is not None else 0.0
+    labels = smooth_slide_outlines(labels, smoothed, pixel_size_um, "image")
     settings = {"diameter_px": field_.plan.diameter, "window": window, "block_size": block_size,
                 "halo": halo_px, "flow_threshold": flow_threshold,
                 "cellprob_threshold": cellprob_threshold, "min_size": min_size, "niter": niter,
-                "augment": augment, "transcript_refine": refined, **diams,
+                "augment": augment, "transcript_refine": refined, "smooth_um": smoothed, **diams,
                 "transcript_mode": ev.transcript_mode, "image_norm": ev.image_norm}
     return SegmentationResult(labels, np.asarray(field_.flows, np.float32),
                               np.asarray(field_.cellprob, np.float32), img, pixel_size_um,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from GeneSegNet.cli import add_device_args, add_verbose_arg, run_reporting_errors
 from GeneSegNet.cli.args import add_mask_args, add_network_pass_args
-from GeneSegNet.cli.types import int_range, nonnegative_int, positive_float
+from GeneSegNet.cli.types import int_range, nonnegative_float, nonnegative_int, positive_float
 from GeneSegNet.log import setup_logging
 
 logger = logging.getLogger("GeneSegNet.scripts.slidingwindows_gradient")
@@ -111,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the network's cells as they are; by default, with a density model, "
              "spots and a pixel size, each cell is trimmed to and grown into the territory "
              "its transcripts support, as between training rounds",
+    )
+    masks.add_argument(
+        "--smooth_um",
+        type=nonnegative_float,
+        default=1.0,
+        help="width (µm) of the outline smoothing applied last: each pixel goes to the cell "
+             "or background whose Gaussian-smoothed indicator is largest, which removes "
+             "bulges toward single spots (0: off; needs a pixel size; not out of core)",
     )
     out = parser.add_argument_group("outputs")
     out.add_argument(
@@ -201,6 +209,7 @@ def _run_config(args: argparse.Namespace, meta: dict):
         write_heatmap=not args.no_heatmap,
         upstream_opening=args.upstream_opening,
         transcript_refine=not args.no_transcript_refine,
+        smooth_um=args.smooth_um,
         pixel_size_um=args.pixel_size,
         metadata_dir=args.root_dir,
         working_pixel_size_um=args.working_pixel_size,

@@ -97,11 +97,12 @@ def _density_model(path: Path) -> Path:
                                          "flow_target_mode": "isolated"})
 
 
-@pytest.mark.parametrize("refine", [True, False])
-def test_segment_with_a_density_model_matches_the_inference_script(tmp_path, refine):
+@pytest.mark.parametrize("refine,smooth_um", [(True, 1.0), (False, 0.0), (False, 1.5)])
+def test_segment_with_a_density_model_matches_the_inference_script(tmp_path, refine,
+                                                                     smooth_um):
     """gsn.segment on a model with density and gene channels (the default of training)
     renders the model's own input and gives the inference script's cells, with and without
-    the transcript refinement."""
+    the transcript refinement and the outline smoothing."""
     import GeneSegNet as gsn
     from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
     from GeneSegNet.io import read_image, read_label
@@ -112,7 +113,8 @@ def test_segment_with_a_density_model_matches_the_inference_script(tmp_path, ref
         height=160, width=220, transcripts_per_um2=3.0), seed=4)
     model = _density_model(tmp_path / "density.pt")
     flags = ["--diameter", "0", "--confidence_threshold", "-3", "--flow_threshold", "0",
-             "--no_heatmap", "--canvas_dtype", "float32"]  # the API keeps float32 canvases
+             "--no_heatmap", "--canvas_dtype", "float32",  # the API keeps float32 canvases
+             "--smooth_um", str(smooth_um)]
     if not refine:
         flags.append("--no_transcript_refine")
     assert inference_runner(raw, model, *flags)(tmp_path / "cli") == 0
@@ -124,16 +126,17 @@ def test_segment_with_a_density_model_matches_the_inference_script(tmp_path, ref
         columns={"spotX": "x", "spotY": "y"})
     result = gsn.segment(loaded, read_image(raw / "images" / "sample_00.png"), spots,
                          pixel_size_um=0.5, cellprob_threshold=-3.0, flow_threshold=0.0,
-                         transcript_refine=refine)
+                         transcript_refine=refine, smooth_um=smooth_um)
     assert want.max() > 3, "the untrained network should still give several cells here"
     np.testing.assert_array_equal(result.labels, want)
     if refine:  # the refinement did move borders here
         raw_cells = gsn.segment(loaded, read_image(raw / "images" / "sample_00.png"), spots,
                                 pixel_size_um=0.5, cellprob_threshold=-3.0, flow_threshold=0.0,
-                                transcript_refine=False)
+                                transcript_refine=False, smooth_um=0.0)
         assert (raw_cells.labels != result.labels).mean() > 0.01
     assert result.settings["transcript_mode"] == "density"
     assert result.settings["transcript_refine"] is refine
+    assert result.settings["smooth_um"] == smooth_um
 
 
 def test_segment_with_a_density_model_needs_the_pixel_size_and_genes(tmp_path):
@@ -144,6 +147,9 @@ def test_segment_with_a_density_model_needs_the_pixel_size_and_genes(tmp_path):
     spots = pd.DataFrame({"x": [5.0], "y": [6.0], "gene": ["Gene01"]})
     with pytest.raises(InputError, match="pixel_size_um"):
         gsn.segment(loaded, np.zeros((64, 64), np.float32), spots)
+    with pytest.raises(InputError, match="smooth_um"):
+        gsn.segment(loaded, np.zeros((64, 64), np.float32), spots, pixel_size_um=0.5,
+                    smooth_um=-1.0)
     with pytest.raises(InputError, match="no column gene"):  # the gene channels need it
         gsn.segment(loaded, np.zeros((64, 64), np.float32), spots.drop(columns="gene"),
                     pixel_size_um=0.5)

@@ -13,8 +13,10 @@ from scipy.io import loadmat
 
 from GeneSegNet.data.heatmap import heatmap_to_uint8, render_heatmap
 from GeneSegNet.data.simulate import TissueConfig, write_simulated_dataset
+from GeneSegNet.dynamics.smoothing import smooth_outlines
 from GeneSegNet.evaluation.metrics import match
 from GeneSegNet.io import read_image, read_label, read_spots, spot_pixels
+from GeneSegNet.io.metadata import metadata_path, read_metadata
 from GeneSegNet.model.checkpoint import save_checkpoint
 from GeneSegNet.model.net import GeneSegUNet, NetConfig
 from GeneSegNet.slide import pipeline as slide_pipeline
@@ -110,6 +112,31 @@ def test_raw_image_and_spots_to_assigned_transcripts_in_one_command(data, monkey
         counts = pd.read_csv(out / "mapping" / f"{name}_cell_by_gene.csv", index_col=0)
         assert counts.to_numpy().sum() == (table.cell_id > 0).sum()
         assert len(counts) == labels.max()
+
+
+def test_outlines_are_smoothed_last_at_the_pixel_size_given(data, monkeypatch):
+    """Default --smooth_um 1: the written labels are those of --smooth_um 0 put through
+    smooth_outlines at 1 µm in pixels of the sample's metadata; cells of the true flows
+    are found either way."""
+    raw, model, out = data
+    real = slide_pipeline.predict_slide
+
+    def truth_flows(net, image, index, cfg, **kwargs):
+        flows, logits = network_like(read_label(raw / "truth" / "sample_00_cells.png"), 0.0, 0)
+        result = real(net, image, index, cfg, **kwargs)
+        result.field[:] = np.concatenate([flows, logits[None]])
+        return result
+
+    monkeypatch.setattr(slide_pipeline, "predict_slide", truth_flows)
+    assert main(args(raw, model, out / "off", "--smooth_um", "0", "--no_heatmap")) == 0
+    assert main(args(raw, model, out / "on", "--no_heatmap")) == 0
+    pixel_size = read_metadata(metadata_path(raw, "sample_00")).pixel_size_um
+    plain = read_label(out / "off" / "label_sample_00.png")
+    smoothed = read_label(out / "on" / "label_sample_00.png")
+    np.testing.assert_array_equal(smoothed, smooth_outlines(plain, 1.0 / pixel_size))
+    assert (smoothed != plain).any()
+    truth = read_label(raw / "truth" / "sample_00_cells.png")
+    assert match(truth, smoothed, thresholds=(0.5,)).ap[0.5] >= 0.95
 
 
 def test_window_local_mode_writes_one_heatmap_per_window(data):

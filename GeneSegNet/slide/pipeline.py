@@ -26,6 +26,7 @@ from GeneSegNet.data.resample import (
     working_shape,
 )
 from GeneSegNet.data.transcripts import slide_density_scale
+from GeneSegNet.dynamics.smoothing import smooth_outlines
 from GeneSegNet.errors import InputError
 from GeneSegNet.export.sample import SampleOutput, check_export_settings, write_sample_outputs
 from GeneSegNet.io import atomic_path
@@ -62,6 +63,9 @@ class SlideRunConfig:
     transcript_refine : with a density model, spots and a pixel size, trim each cell to
         and grow it into the territory its transcripts support
         (:func:`refine_with_transcripts`), as the relabelling between training rounds does.
+    smooth_um : width (µm) of the outline smoothing applied last
+        (:func:`GeneSegNet.dynamics.smoothing.smooth_outlines`; 0: none). It needs a pixel
+        size; out-of-core slides are written unsmoothed (as they are unrefined).
     pixel_size_um : µm/px of every slide (``--pixel_size``); must agree with a slide's
         metadata file ``<metadata_dir>/metadata/<sample>.json`` when both exist.
     metadata_dir : the folder holding ``metadata/`` (the inference ``--root_dir``).
@@ -82,6 +86,7 @@ class SlideRunConfig:
     write_heatmap: bool = True
     upstream_opening: bool = False
     transcript_refine: bool = True
+    smooth_um: float = 1.0
     pixel_size_um: float | None = None
     metadata_dir: Path | None = None
     outputs: tuple[str, ...] = ("csv",)
@@ -190,6 +195,20 @@ def refine_with_transcripts(labels: np.ndarray, rows: np.ndarray, cols: np.ndarr
                 "%d cells", 100 * np.count_nonzero(out) / out.size,
                 100 * np.count_nonzero(labels) / labels.size, int(out.max()))
     return out
+
+
+def smooth_slide_outlines(labels: np.ndarray, smooth_um: float, pixel_size_um: float | None,
+                          name: str) -> np.ndarray:
+    """A slide's cells (int [H, W]) with outlines smoothed at ``smooth_um`` µm
+    (:func:`GeneSegNet.dynamics.smoothing.smooth_outlines`); unchanged when ``smooth_um``
+    is 0 or the pixel size is unknown (logged)."""
+    if smooth_um <= 0:
+        return labels
+    if pixel_size_um is None:
+        logger.info("%s: outlines not smoothed (--smooth_um needs a pixel size: --pixel_size "
+                    "or a metadata file)", name)
+        return labels
+    return smooth_outlines(labels, smooth_um / pixel_size_um)
 
 
 @dataclass
@@ -333,6 +352,8 @@ def run_slides(
             # on the input grid: borders where the transcripts put them, to the input pixel
             labels = refine_with_transcripts(labels, inputs.rows, inputs.cols, inputs.codes,
                                              pixel_sizes[sample.name])
+        labels = smooth_slide_outlines(labels, cfg.smooth_um, pixel_sizes[sample.name],
+                                       sample.name)
         write_label_outputs(save_dir, sample.name, labels, inputs.image)
         if cfg.mapping and inputs.table is not None:
             export = SampleOutput(labels, inputs.image, pixel_sizes[sample.name],
