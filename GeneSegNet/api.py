@@ -197,7 +197,7 @@ def segment(model: Model, image: np.ndarray, spots: pd.DataFrame | None = None, 
         **ev.mask_kwargs(), device=model.device, progress=progress)
     refined = transcript_refine and transcripts is not None and len(rows) > 0
     if refined:
-        labels = refine_with_transcripts(labels, rows, cols, codes, pixel_size_um)
+        labels = refine_with_transcripts(labels, rows, cols, codes, pixel_size_um, image=img)
     smoothed = smooth_um if smooth_um > 0 and pixel_size_um is not None else 0.0
     labels = smooth_slide_outlines(labels, smoothed, pixel_size_um, "image")
     settings = {"diameter_px": field_.plan.diameter, "window": window, "block_size": block_size,

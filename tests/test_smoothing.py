@@ -88,3 +88,15 @@ def test_zero_width_and_bad_input():
         smooth_outlines(labels.astype(float), 1.0)
     with pytest.raises(ValueError, match="2-D integer"):
         smooth_outlines(labels[None], 1.0)
+
+
+def test_nothing_is_assumed_beyond_the_image_edge():
+    """Outside the image every indicator is 0: a 2-px strip of background between a cell
+    and the edge is a dent like any other and goes to the cell; a cell that meets the edge
+    keeps its pixels there."""
+    labels = np.zeros((60, 60), np.int32)
+    labels[:, 2:40] = 1
+    out = smooth_outlines(labels, 3.0)
+    assert (out[:, :40] == 1).all()
+    assert (out[:, 40:] == 0).all()
+    np.testing.assert_array_equal(smooth_outlines(np.ones((20, 20), np.int32), 3.0), 1)

@@ -7,7 +7,9 @@ spot just outside it and dents where none fell inside. Smoothing every cell's in
 each pixel to the largest, removes bulges and dents narrower than about the Gaussian's
 width and keeps broader shape: a straight border stays where it is, and the area a cell
 covers is kept on average (background competes like any cell, so where two cells meet
-no gap opens).
+no gap opens). Beyond the image edge nothing is known: every indicator is 0 there
+(a normalised convolution, whose common normaliser does not change which is largest), so
+cells and background meet the edge as they are.
 
 Guarantees: every input cell keeps its id and at least one connected piece (its largest
 after smoothing; a cell that smoothing would erase keeps its input pixels), and no new
@@ -47,7 +49,7 @@ def smooth_outlines(labels: np.ndarray, sigma_px: float) -> np.ndarray:
     shape = labels.shape
     pad = int(np.ceil(TRUNCATE * sigma_px)) + 1
     best = ndimage.gaussian_filter((labels == 0).astype(np.float32), sigma_px,
-                                   truncate=TRUNCATE, mode="nearest")
+                                   truncate=TRUNCATE, mode="constant")
     out = np.zeros_like(labels)
     boxes = ndimage.find_objects(labels)
     for cell, box in enumerate(boxes, start=1):
@@ -55,7 +57,7 @@ def smooth_outlines(labels: np.ndarray, sigma_px: float) -> np.ndarray:
             continue
         win = _padded(box, pad, shape)
         level = ndimage.gaussian_filter((labels[win] == cell).astype(np.float32), sigma_px,
-                                        truncate=TRUNCATE, mode="nearest")
+                                        truncate=TRUNCATE, mode="constant")
         here, taken = best[win], out[win]
         wins = level > here
         here[wins] = level[wins]

@@ -53,6 +53,7 @@ from GeneSegNet.growth.density import (
     spot_counts,
     spot_pixels_in,
 )
+from GeneSegNet.growth.nuclear import regrow_from_nuclei
 from GeneSegNet.growth.params import GrowParams
 
 logger = logging.getLogger(__name__)
@@ -367,23 +368,30 @@ def grow_labels(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
 
 def regrow_whole_cells(labels: np.ndarray, rows_px: np.ndarray, cols_px: np.ndarray,
                        gene_codes: np.ndarray, *, pixel_size_um: float,
-                       params: GrowParams | None = None) -> np.ndarray:
+                       params: GrowParams | None = None,
+                       image: np.ndarray | None = None) -> np.ndarray:
     """Labels that are whole cells already (a model's cells) brought to their transcripts.
 
     Where the transcripts can place borders (:func:`border_by_distance` is False), each
     cell is trimmed to its transcript territory and grown again (:func:`grow_labels` with
     ``trim_to_foreground``), so a model's slight over- or under-reach does not compound
-    over rounds. Where they are too sparse, growth would only go by distance again, on top
-    of cells that already have their extent: the labels are returned unchanged.
-    Returns int32 (H, W).
+    over rounds. Where they are too sparse, borders can only go by distance: with the
+    nuclear stain ``image`` ((H, W) or (H, W, C) on the labels' grid) each cell is redrawn
+    as its nucleus grown by the pooled transcript reach
+    (:func:`GeneSegNet.growth.nuclear.regrow_from_nuclei`); without it the labels are
+    returned unchanged. Returns int32 (H, W).
     """
     params = params or GrowParams()
     labels = check_labels(labels, "labels")
     levels = estimate_levels(labels, rows_px, cols_px, pixel_size_um=pixel_size_um,
                              params=params)
     if border_by_distance(levels.cell_per_um2, params):
+        if image is not None:
+            return regrow_from_nuclei(labels, image, rows_px, cols_px,
+                                      pixel_size_um=pixel_size_um, params=params)
         logger.debug("regrow_whole_cells: %.3g transcripts/µm² in cells, too sparse to "
-                     "place borders; cells kept as they are", levels.cell_per_um2)
+                     "place borders, and no image; cells kept as they are",
+                     levels.cell_per_um2)
         return labels.astype(np.int32)
     return grow_labels(labels, rows_px, cols_px, gene_codes, pixel_size_um=pixel_size_um,
                        params=replace(params, trim_to_foreground=True))

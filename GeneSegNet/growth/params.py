@@ -44,6 +44,9 @@ class GrowParams:
     # "distance" when a typical cell holds fewer than min_transcripts_per_cell.
     border_mode: str = "auto"
     min_transcripts_per_cell: float = 40.0
+    # Where borders go by distance, whole cells with an image are redrawn from their
+    # nuclei (:mod:`GeneSegNet.growth.nuclear`); the image is smoothed this much first.
+    nucleus_smooth_um: float = 0.3
 
     @property
     def distance_scale_um(self) -> float:

@@ -177,11 +177,13 @@ def slide_transcripts(rows: np.ndarray, cols: np.ndarray, model_input: ModelInpu
 
 
 def refine_with_transcripts(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                            codes: np.ndarray | None, pixel_size_um: float) -> np.ndarray:
+                            codes: np.ndarray | None, pixel_size_um: float,
+                            image: np.ndarray | None = None) -> np.ndarray:
     """The network's cells (int [H, W]) trimmed to and grown into their transcripts'
     territory where the transcripts are dense enough to place borders
     (:func:`GeneSegNet.growth.grow.regrow_whole_cells`; transcript-dense regions without a
-    cell become cells); unchanged where they are sparse. Spots: int pixel (rows, cols)
+    cell become cells); where they are sparse, redrawn from their nuclei in ``image``
+    ((H, W) or (H, W, C) on the same grid; None: unchanged). Spots: int pixel (rows, cols)
     inside the image; ``codes``: the model's gene codes (-1 unknown; None: one gene).
     Returns int32 [H, W], cells 1..K."""
     from GeneSegNet.dynamics.masks import renumber
@@ -189,7 +191,7 @@ def refine_with_transcripts(labels: np.ndarray, rows: np.ndarray, cols: np.ndarr
 
     genes = np.zeros(len(rows), np.int64) if codes is None else np.asarray(codes) + 1
     grown = regrow_whole_cells(labels, np.asarray(rows) + 0.5, np.asarray(cols) + 0.5, genes,
-                               pixel_size_um=pixel_size_um)
+                               pixel_size_um=pixel_size_um, image=image)
     out = renumber(grown, order="first")
     logger.info("transcript refinement: cells cover %.1f %% of the image (network %.1f %%); "
                 "%d cells", 100 * np.count_nonzero(out) / out.size,
@@ -351,7 +353,7 @@ def run_slides(
         if cfg.transcript_refine and transcripts is not None and len(inputs.rows):
             # on the input grid: borders where the transcripts put them, to the input pixel
             labels = refine_with_transcripts(labels, inputs.rows, inputs.cols, inputs.codes,
-                                             pixel_sizes[sample.name])
+                                             pixel_sizes[sample.name], image=inputs.image)
         labels = smooth_slide_outlines(labels, cfg.smooth_um, pixel_sizes[sample.name],
                                        sample.name)
         write_label_outputs(save_dir, sample.name, labels, inputs.image)
