@@ -171,6 +171,11 @@ def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample]
     diams = {"diam_mean": meta["diam_mean"], "diam_labels": meta["diam_labels"]}
     encode = None if model_input.embedding is None else model_input.embedding.encode
     pixel_sizes = {s.name: slide_pixel_size(s.name, cfg, model_input) for s in samples}
+    skipped = [what for what, on in (("the transcript refinement", cfg.transcript_refine),
+                                     ("the outline smoothing", cfg.smooth_um > 0)) if on]
+    if skipped:
+        logger.warning("out of core: %s not run (they need the whole label image); the "
+                       "cells are the network's", " and ".join(skipped))
     if cfg.mapping:
         check_export_settings(cfg.outputs, pixel_sizes)
     images = {s.name: LazyImage(s.image, image_channels(image_mode)) for s in samples}
