@@ -56,13 +56,13 @@ def _otsu_split(values: np.ndarray) -> float | None:
 
 
 def grey(image: np.ndarray) -> np.ndarray:
-    """(H, W) float64 of an (H, W) or (H, W, C) image (the channel mean)."""
+    """(H, W) float32 of an (H, W) or (H, W, C) image (the channel mean)."""
     image = np.asarray(image)
     if image.ndim == 3:
-        return image.astype(np.float64).mean(axis=2)
+        return image.mean(axis=2, dtype=np.float32)
     if image.ndim != 2:
         raise InputError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
-    return image.astype(np.float64)
+    return image.astype(np.float32)
 
 
 def nuclei_within_cells(labels: np.ndarray, image: np.ndarray, smooth_px: float) -> np.ndarray:
