@@ -27,6 +27,8 @@ import logging
 import numpy as np
 from scipy import ndimage
 
+from GeneSegNet.io.images import grey
+
 logger = logging.getLogger(__name__)
 
 QUANTILES = (0.10, 0.25, 0.50, 0.75, 0.90)
@@ -36,16 +38,6 @@ CHROMATIN_FEATURES = (
     *(f"intensity_q{int(round(q * 100)):02d}" for q in QUANTILES),
     "glcm_contrast", "glcm_homogeneity", "local_std_mean",
 )
-
-
-def grey(image: np.ndarray) -> np.ndarray:
-    """(H, W) single-channel view of an [H, W] or [H, W, C] image (mean over channels)."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        return image
-    if image.ndim == 3:
-        return image[:, :, 0] if image.shape[2] == 1 else image.mean(axis=2)
-    raise ValueError(f"expected an image [H, W] or [H, W, C], got shape {image.shape}")
 
 
 def _lut(ids: np.ndarray, top: int) -> np.ndarray:

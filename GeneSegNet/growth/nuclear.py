@@ -31,6 +31,7 @@ from skimage.segmentation import expand_labels
 from GeneSegNet.errors import InputError
 from GeneSegNet.growth.density import check_labels, pooled_growth_um, spot_pixels_in
 from GeneSegNet.growth.params import GrowParams
+from GeneSegNet.io.images import grey
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +56,6 @@ def _otsu_split(values: np.ndarray) -> float | None:
     return float(threshold) if between > MIN_SEPARABILITY * values.var() else None
 
 
-def grey(image: np.ndarray) -> np.ndarray:
-    """(H, W) float32 of an (H, W) or (H, W, C) image (the channel mean)."""
-    image = np.asarray(image)
-    if image.ndim == 3:
-        return image.mean(axis=2, dtype=np.float32)
-    if image.ndim != 2:
-        raise InputError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
-    return image.astype(np.float32)
-
-
 def nuclei_within_cells(labels: np.ndarray, image: np.ndarray, smooth_px: float) -> np.ndarray:
     """(H, W) int64: in each cell of ``labels`` its nucleus (module docstring, step 1) with
     the cell's id; 0 elsewhere and in cells where none is found (flat or tiny cells).
@@ -72,7 +63,9 @@ def nuclei_within_cells(labels: np.ndarray, image: np.ndarray, smooth_px: float)
     image : (H, W) nuclear stain on the labels' grid, brighter = more stain.
     """
     labels = check_labels(labels, "labels")
-    img = grey(image)
+    if np.ndim(image) not in (2, 3):
+        raise InputError(f"image must be (H, W) or (H, W, C), got shape {np.shape(image)}")
+    img = grey(image).astype(np.float32)
     if img.shape != labels.shape:
         raise InputError(f"image {img.shape} and labels {labels.shape} differ in shape")
     if smooth_px > 0:

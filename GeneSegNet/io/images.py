@@ -32,6 +32,16 @@ MAX_CHANNELS = 8  # more: a Z stack or time series, not the channels of one imag
 MAX_LABEL_ID = np.iinfo(np.int32).max  # label ids are processed as int32
 
 
+def grey(image: np.ndarray) -> np.ndarray:
+    """(H, W) single-channel view of an [H, W] or [H, W, C] image (mean over channels)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        return image
+    if image.ndim == 3:
+        return image[:, :, 0] if image.shape[2] == 1 else image.mean(axis=2)
+    raise ValueError(f"expected an image [H, W] or [H, W, C], got shape {image.shape}")
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     """First series, full resolution, as (H, W) or (H, W, C)."""
     with tifffile.TiffFile(path) as tif:
