@@ -114,8 +114,9 @@ def grow_round_labels(
     its transcript density is at background level
     (:func:`GeneSegNet.growth.merge.merge_with_previous`); the result then grows into
     the territory its transcripts support (trimmed to it first: cells keep their core)
-    and gains transcript-dense new cells
-    (:func:`GeneSegNet.growth.grow.grow_labels`). ``pixel_size_um``: µm/px used when
+    and gains transcript-dense new cells (:func:`GeneSegNet.growth.grow.grow_labels`),
+    or, where transcripts are too sparse to place borders, is redrawn from the nuclei in
+    ``crop.image`` (:func:`GeneSegNet.growth.nuclear.regrow_from_nuclei`). ``pixel_size_um``: µm/px used when
     the crop has none; InputError when neither is known. ``merge_counts``: if given,
     the merge counts (``kept``, ``added_back``, ``dropped``) are added to it.
     Returns int32 [H, W].
@@ -131,8 +132,10 @@ def grow_round_labels(
         for key, value in counts.items():
             merge_counts[key] = merge_counts.get(key, 0) + int(value)
     # the merged cells are whole cells already: trimmed to their transcripts and grown
-    # again where transcripts place borders; as they are where transcripts are sparse
-    return regrow_whole_cells(merged, rows, cols, genes, pixel_size_um=size, params=params)
+    # again where transcripts place borders; where they are sparse, redrawn from their
+    # nuclei in the crop's image, grown by the pooled transcript reach
+    return regrow_whole_cells(merged, rows, cols, genes, pixel_size_um=size, params=params,
+                              image=crop.image)
 
 
 def refine_round_labels(
