@@ -116,9 +116,10 @@ def grow_round_labels(
     the territory its transcripts support (trimmed to it first: cells keep their core)
     and gains transcript-dense new cells (:func:`GeneSegNet.growth.grow.grow_labels`),
     or, where transcripts are too sparse to place borders, is redrawn from the nuclei in
-    ``crop.image`` (:func:`GeneSegNet.growth.nuclear.regrow_from_nuclei`). ``pixel_size_um``: µm/px used when
-    the crop has none; InputError when neither is known. ``merge_counts``: if given,
-    the merge counts (``kept``, ``added_back``, ``dropped``) are added to it.
+    ``crop.image`` (:func:`GeneSegNet.growth.nuclear.regrow_from_nuclei`).
+    ``pixel_size_um``: µm/px used when the crop has none; InputError when neither is known.
+    ``merge_counts``: if given, the merge counts (``kept``, ``added_back``, ``dropped``)
+    are added to it.
     Returns int32 [H, W].
     """
     if crop is None or crop.labels is None:
