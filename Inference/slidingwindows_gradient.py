@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the network's cells as they are; by default, with a density model, "
              "spots and a pixel size, each cell is trimmed to and grown into the territory "
-             "its transcripts support, as between training rounds",
+             "its transcripts support, or, where they are too sparse to place borders, "
+             "redrawn from its nucleus in the image, as between training rounds",
     )
     masks.add_argument(
         "--smooth_um",

@@ -195,3 +195,19 @@ def test_script_out_of_core_equals_in_memory_resumes_and_refuses_other_settings(
     big = tifffile.imread(tmp_path / "dask" / "label_sample_00.tif")
     np.testing.assert_array_equal(big, expected)
     assert not (tmp_path / "dask" / "label_sample_00.png").exists()
+
+
+def test_out_of_core_warns_that_outlines_are_not_smoothed(tmp_path, caplog):
+    """With a pixel size the in-memory run smooths outlines; out of core it cannot (it
+    never holds the whole label image), says so, and equals the unsmoothed run."""
+    from GeneSegNet.io import read_label
+    from tests.tiny_runs import inference_runner, tiny_slides
+
+    raw, model = tiny_slides(tmp_path)
+    run = inference_runner(raw, model, "--confidence_threshold", "-2", "--pixel_size", "0.5")
+    assert run(tmp_path / "plain", "--out_of_core", "off", "--smooth_um", "0") == 0
+    with caplog.at_level("WARNING"):
+        assert run(tmp_path / "ooc", "--out_of_core", "on") == 0
+    assert "out of core: the outline smoothing not run" in caplog.text
+    np.testing.assert_array_equal(read_label(tmp_path / "ooc" / "label_sample_00.png"),
+                                  read_label(tmp_path / "plain" / "label_sample_00.png"))

@@ -171,8 +171,10 @@ def run_slides_out_of_core(net, meta: dict[str, Any], samples: list[SlideSample]
     diams = {"diam_mean": meta["diam_mean"], "diam_labels": meta["diam_labels"]}
     encode = None if model_input.embedding is None else model_input.embedding.encode
     pixel_sizes = {s.name: slide_pixel_size(s.name, cfg, model_input) for s in samples}
-    skipped = [what for what, on in (("the transcript refinement", cfg.transcript_refine),
-                                     ("the outline smoothing", cfg.smooth_um > 0)) if on]
+    refine = cfg.transcript_refine and model_input.transcripts.needs_slide_scale
+    smooth = cfg.smooth_um > 0 and any(size is not None for size in pixel_sizes.values())
+    skipped = [what for what, on in (("the transcript refinement", refine),
+                                     ("the outline smoothing", smooth)) if on]
     if skipped:
         logger.warning("out of core: %s not run (they need the whole label image); the "
                        "cells are the network's", " and ".join(skipped))
