@@ -8,7 +8,7 @@ fragment rule aside, so that is compared before it, on cells without fragments).
 figure printed is our time per megapixel and the ratio to the direct computation, both
 measured in this run; and, for scale, the ratio to one whole-image Gaussian filter.
 
-numpy/scipy run single-threaded here (no thread pool is involved).
+Threads: pinned to one (``common.single_thread``); numpy/scipy's filters run on one core.
 
 Run: ``.venv/bin/python bench/bench_smoothing.py [--sizes 512,1024,2048] [--repeats 3]``
 """
@@ -16,14 +16,16 @@ Run: ``.venv/bin/python bench/bench_smoothing.py [--sizes 512,1024,2048] [--repe
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from GeneSegNet.dynamics.smoothing import TRUNCATE, smooth_outlines
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median_time, single_thread  # noqa: E402
 
 SIGMA_PX = 1.0 / 0.2125
 CELL_PX = 60
@@ -61,24 +63,17 @@ def direct(labels: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="512,1024,2048")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    print(single_thread())
     small = voronoi_cells(sizes[0])
-    t_direct, want = timed(lambda: direct(small, SIGMA_PX), 1)
-    t_ours, got = timed(lambda: smooth_outlines(small, SIGMA_PX), args.repeats)
+    want, got = direct(small, SIGMA_PX), smooth_outlines(small, SIGMA_PX)
+    t_direct = median_time(lambda: direct(small, SIGMA_PX), repeats=1, warmup=False)
+    t_ours = median_time(lambda: smooth_outlines(small, SIGMA_PX), args.repeats)
     pieces = [ndimage.label(want == c)[1] for c in np.unique(want)[1:]]
     same = np.array_equal(got, want) if max(pieces) == 1 else None
     print(f"{sizes[0]}² px, {small.max()} cells: ours {t_ours * 1e3:.0f} ms, direct "
@@ -86,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{t_direct / t_ours:.1f}x faster; same labels: {same}")
     for size in sizes:
         labels = voronoi_cells(size)
-        t_ours, _ = timed(lambda labels=labels: smooth_outlines(labels, SIGMA_PX), args.repeats)
-        t_gauss, _ = timed(lambda labels=labels: ndimage.gaussian_filter(
+        t_ours = median_time(lambda labels=labels: smooth_outlines(labels, SIGMA_PX),
+                             args.repeats)
+        t_gauss = median_time(lambda labels=labels: ndimage.gaussian_filter(
             (labels == 0).astype(np.float32), SIGMA_PX, truncate=TRUNCATE), args.repeats)
         mpx = size * size / 1e6
         print(f"{size}² px, {labels.max()} cells: {t_ours / mpx * 1e3:.0f} ms per megapixel "

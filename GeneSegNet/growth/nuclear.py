@@ -109,11 +109,11 @@ def regrow_from_nuclei(labels: np.ndarray, image: np.ndarray, rows_px: np.ndarra
     rows, cols, _ = spot_pixels_in(rows_px, cols_px, labels.shape)
     reach_um = pooled_growth_um(nuclei, rows, cols, pixel_size_um, params)
     grown = expand_labels(nuclei, distance=reach_um / pixel_size_um)
-    found = np.zeros(int(labels.max()) + 1, dtype=bool)
-    found[np.unique(nuclei)] = True
-    keep_outline = ~found[labels]  # background included: found[0] is True
-    out = np.where(keep_outline, labels, grown)
-    logger.debug("regrow_from_nuclei: %d of %d cells redrawn from their nuclei, reach %.2f µm",
-                 int(found[1:].sum()), int((np.bincount(labels.ravel())[1:] > 0).sum()),
-                 reach_um)
+    found = np.bincount(nuclei.ravel(), minlength=int(labels.max()) + 1) > 0
+    found[0] = True  # background stays background (grown is 0 there too)
+    out = np.where(found[labels], grown, labels)
+    if logger.isEnabledFor(logging.DEBUG):  # the cell count reads the whole image
+        logger.debug("regrow_from_nuclei: %d of %d cells redrawn from their nuclei, reach "
+                     "%.2f µm", int(found[1:].sum()),
+                     int((np.bincount(labels.ravel())[1:] > 0).sum()), reach_um)
     return out.astype(np.int32)
